@@ -1,0 +1,1 @@
+"""Orders & Payments: the HTTP services (gateway, orders, payments) and their shared plumbing."""

@@ -1,0 +1,1 @@
+"""Plumbing shared by every service: configuration, database, outbox/inbox, Kafka, HTTP."""

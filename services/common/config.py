@@ -1,0 +1,86 @@
+"""Configuration, read once from the environment, with working local defaults."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+def _env(name: str, default: str) -> str:
+    value = os.environ.get(name, "").strip()
+    return value or default
+
+
+def _env_int(name: str, default: int) -> int:
+    return int(_env(name, str(default)))
+
+
+def _env_float(name: str, default: float) -> float:
+    return float(_env(name, str(default)))
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every knob of every process; see `.env.sample` files and the README's table."""
+
+    orders_database_url: str = field(
+        default_factory=lambda: _env(
+            "ORDERS_DATABASE_URL", "postgresql://postgres:postgres@127.0.0.1:5432/orders"
+        )
+    )
+    payments_database_url: str = field(
+        default_factory=lambda: _env(
+            "PAYMENTS_DATABASE_URL", "postgresql://postgres:postgres@127.0.0.1:5432/payments"
+        )
+    )
+    redis_url: str = field(default_factory=lambda: _env("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    kafka_bootstrap_servers: str = field(
+        default_factory=lambda: _env("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+    )
+    # Prefixes every topic and consumer group, so a test run never meets the live system's events.
+    kafka_topic_prefix: str = field(default_factory=lambda: _env("KAFKA_TOPIC_PREFIX", ""))
+    kafka_partitions: int = field(default_factory=lambda: _env_int("KAFKA_PARTITIONS", 6))
+
+    gateway_port: int = field(default_factory=lambda: _env_int("GATEWAY_PORT", 8080))
+    orders_port: int = field(default_factory=lambda: _env_int("ORDERS_PORT", 8081))
+    payments_port: int = field(default_factory=lambda: _env_int("PAYMENTS_PORT", 8082))
+    dashboard_port: int = field(default_factory=lambda: _env_int("DASHBOARD_PORT", 8090))
+    orders_url: str = field(
+        default_factory=lambda: _env(
+            "ORDERS_URL", f"http://127.0.0.1:{_env('ORDERS_PORT', '8081')}"
+        )
+    )
+    payments_url: str = field(
+        default_factory=lambda: _env(
+            "PAYMENTS_URL", f"http://127.0.0.1:{_env('PAYMENTS_PORT', '8082')}"
+        )
+    )
+
+    # Seconds. Every network call is bounded by one of these.
+    db_connect_timeout: float = field(default_factory=lambda: _env_float("DB_CONNECT_TIMEOUT", 5))
+    db_statement_timeout: float = field(
+        default_factory=lambda: _env_float("DB_STATEMENT_TIMEOUT", 10)
+    )
+    http_timeout: float = field(default_factory=lambda: _env_float("HTTP_TIMEOUT", 5))
+    kafka_timeout: float = field(default_factory=lambda: _env_float("KAFKA_TIMEOUT", 10))
+
+    db_pool_size: int = field(default_factory=lambda: _env_int("DB_POOL_SIZE", 10))
+    relay_batch_size: int = field(default_factory=lambda: _env_int("RELAY_BATCH_SIZE", 500))
+    apply_batch_size: int = field(default_factory=lambda: _env_int("APPLY_BATCH_SIZE", 500))
+    max_attempts: int = field(default_factory=lambda: _env_int("INBOX_MAX_ATTEMPTS", 5))
+    sweep_interval: float = field(default_factory=lambda: _env_float("SWEEP_INTERVAL", 2))
+    sweep_grace: float = field(default_factory=lambda: _env_float("SWEEP_GRACE", 2))
+    retention_hours: float = field(default_factory=lambda: _env_float("RETENTION_HOURS", 24))
+
+    def topic(self, name: str) -> str:
+        """The real topic name for one of the contract's topics."""
+        return f"{self.kafka_topic_prefix}{name}"
+
+    def database_url(self, service: str) -> str:
+        """The database URL of `orders` or `payments`."""
+        return {"orders": self.orders_database_url, "payments": self.payments_database_url}[service]
+
+
+def load() -> Config:
+    """Read the environment now (tests set variables before calling this)."""
+    return Config()

@@ -1,0 +1,176 @@
+"""The transactional inbox: SQL to record received messages (a duplicate `event_id` is a
+no-op), to claim pending ones in arrival order, to record success, failure and dead letters."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import psycopg
+
+from services.common.events import PoisonMessage
+
+log = logging.getLogger(__name__)
+
+INSERT: Final = """
+INSERT INTO inbox (event_id, topic, key, kafka_partition, kafka_offset, payload)
+VALUES (%s, %s, %s, %s, %s, %s)
+ON CONFLICT (event_id) DO NOTHING
+"""
+
+# Arrival order keeps one user's events in the order Kafka delivered them.
+CLAIM: Final = """
+SELECT event_id, topic, key, payload, attempts
+FROM inbox
+WHERE processed_at IS NULL AND next_attempt_at <= clock_timestamp()
+ORDER BY seq
+LIMIT %(limit)s
+FOR UPDATE SKIP LOCKED
+"""
+
+MARK_PROCESSED: Final = """
+UPDATE inbox SET processed_at = clock_timestamp(), attempts = attempts + 1
+WHERE event_id = %(event_id)s
+"""
+
+RECORD_FAILURE: Final = """
+UPDATE inbox
+SET attempts = attempts + 1,
+    last_error = %(error)s,
+    next_attempt_at = clock_timestamp() + make_interval(secs => %(backoff_seconds)s)
+WHERE event_id = %(event_id)s
+"""
+
+DEAD_LETTER: Final = """
+WITH moved AS (
+    UPDATE inbox
+    SET processed_at = clock_timestamp(), attempts = attempts + 1, last_error = %(reason)s
+    WHERE event_id = %(event_id)s
+    RETURNING event_id, topic, key, payload, attempts
+)
+INSERT INTO dead_letters (event_id, topic, key, payload, reason, attempts)
+SELECT event_id, topic, key, payload, %(reason)s, attempts FROM moved
+ON CONFLICT (event_id) DO NOTHING
+"""
+
+PURGE: Final = """
+DELETE FROM inbox
+WHERE processed_at < clock_timestamp() - make_interval(secs => %(retention_seconds)s)
+"""
+
+BACKLOG: Final = """
+SELECT count(*), coalesce(extract(epoch FROM clock_timestamp() - min(received_at)), 0)
+FROM inbox WHERE processed_at IS NULL
+"""
+
+DEAD_LETTER_COUNT: Final = "SELECT count(*) FROM dead_letters"
+
+
+def backoff_seconds(attempts: int, base: float = 0.2, cap: float = 30.0) -> float:
+    """Exponential backoff before retry number `attempts + 1` of a failed message."""
+    return float(min(cap, base * (2 ** max(0, attempts))))
+
+
+# One applier at a time per database: events are applied in arrival order, so one user's
+# orders are charged in the order they were created. Batches keep that cheap.
+APPLY_LOCK: Final = "SELECT pg_advisory_xact_lock(hashtext('inbox_apply'))"
+
+
+@dataclass(frozen=True)
+class Received:
+    """One message as the consumer took it off Kafka."""
+
+    event_id: object
+    topic: str
+    key: str | None
+    partition: int | None
+    offset: int | None
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class Pending:
+    """One claimed inbox row, handed to a service's handler."""
+
+    event_id: object
+    topic: str
+    key: str | None
+    payload: bytes
+    attempts: int
+
+
+# A service's effect for one event: runs inside the applier's transaction (a savepoint), so
+# the effect, its outgoing outbox rows and the inbox mark commit together or not at all.
+# Raise PoisonMessage for what can never succeed; any other exception is retried.
+ApplyHandler = Callable[[psycopg.Connection[Any], Pending], None]
+
+
+def record(conn: psycopg.Connection[Any], messages: Iterable[Received]) -> None:
+    """Insert received messages; an `event_id` already there is silently skipped."""
+    with conn.cursor() as cur:
+        cur.executemany(
+            INSERT,
+            [(m.event_id, m.topic, m.key, m.partition, m.offset, m.payload) for m in messages],
+        )
+
+
+def describe_failure(exc: Exception) -> str:
+    """The reason stored with a failed attempt (and with its dead letter)."""
+    prefix = "poison" if isinstance(exc, PoisonMessage) else type(exc).__name__
+    return f"{prefix}: {exc}"[:1000]
+
+
+@dataclass(frozen=True)
+class ApplyReport:
+    applied: int = 0
+    retried: int = 0
+    dead: int = 0
+
+    @property
+    def claimed(self) -> int:
+        return self.applied + self.retried + self.dead
+
+
+def apply_pending(
+    conn: psycopg.Connection[Any],
+    handler: ApplyHandler,
+    *,
+    limit: int,
+    max_attempts: int,
+) -> ApplyReport:
+    """Apply one batch of pending inbox rows in one transaction and return what happened.
+
+    Each event runs in its own savepoint: a failing one is rolled back alone, its attempt
+    counted with backoff, or after `max_attempts` moved to `dead_letters`; the rest commit."""
+    applied = retried = dead = 0
+    with conn.transaction():
+        conn.execute(APPLY_LOCK)
+        rows = conn.execute(CLAIM, {"limit": limit}).fetchall()
+        for event_id, topic, key, payload, attempts in rows:
+            pending = Pending(event_id, topic, key, bytes(payload), attempts)
+            try:
+                with conn.transaction():
+                    handler(conn, pending)
+                    conn.execute(MARK_PROCESSED, {"event_id": event_id})
+                applied += 1
+            except psycopg.OperationalError:
+                raise  # the connection itself is gone: nothing here can be recorded
+            except Exception as exc:
+                error = describe_failure(exc)
+                log.warning("inbox event %s failed: %s", event_id, error)
+                if pending.attempts + 1 >= max_attempts:
+                    conn.execute(DEAD_LETTER, {"event_id": event_id, "reason": error})
+                    dead += 1
+                else:
+                    conn.execute(
+                        RECORD_FAILURE,
+                        {
+                            "event_id": event_id,
+                            "error": error,
+                            "backoff_seconds": backoff_seconds(pending.attempts),
+                        },
+                    )
+                    retried += 1
+    return ApplyReport(applied, retried, dead)

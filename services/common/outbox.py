@@ -1,0 +1,48 @@
+"""The transactional outbox: SQL to write an event with the change that caused it, to claim
+pending rows for the relay, to mark them published, and to purge old ones."""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from psycopg.types.json import Jsonb
+
+from services.common.events import EVENT_ID_HEADER, Envelope
+
+INSERT: Final = """
+INSERT INTO outbox (event_id, topic, key, payload, headers)
+VALUES (%(event_id)s, %(topic)s, %(key)s, %(payload)s, %(headers)s)
+"""
+
+# Oldest first, and rows another relay holds are skipped rather than waited for.
+CLAIM: Final = """
+SELECT id, event_id, topic, key, payload
+FROM outbox
+WHERE published_at IS NULL
+ORDER BY id
+LIMIT %(limit)s
+FOR UPDATE SKIP LOCKED
+"""
+
+MARK_PUBLISHED: Final = "UPDATE outbox SET published_at = clock_timestamp() WHERE id = ANY(%(ids)s)"
+
+PURGE: Final = """
+DELETE FROM outbox
+WHERE published_at < clock_timestamp() - make_interval(secs => %(retention_seconds)s)
+"""
+
+BACKLOG: Final = """
+SELECT count(*), coalesce(extract(epoch FROM clock_timestamp() - min(created_at)), 0)
+FROM outbox WHERE published_at IS NULL
+"""
+
+
+def row(topic: str, key: str, envelope: Envelope) -> dict[str, Any]:
+    """The parameters of `INSERT` for one event."""
+    return {
+        "event_id": envelope.event_id,
+        "topic": topic,
+        "key": key,
+        "payload": Jsonb(envelope.to_json()),
+        "headers": Jsonb({EVENT_ID_HEADER: str(envelope.event_id), "type": envelope.type}),
+    }
