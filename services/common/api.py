@@ -183,7 +183,9 @@ def _route(endpoint: Endpoint) -> Route:
             if isinstance(value, FieldError):
                 errors.append(value)
                 continue
-            errors.extend(FieldError(name, e.message) for e in validation.check(schema, value))
+            # A converted UUID is checked as the string it came as (the schema says string).
+            checked = str(value) if isinstance(value, UUID) else value
+            errors.extend(FieldError(name, e.message) for e in validation.check(schema, checked))
             query[name] = value
         if errors:
             raise validation_error(errors)

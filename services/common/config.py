@@ -41,6 +41,8 @@ class Config:
     kafka_topic_prefix: str = field(default_factory=lambda: _env("KAFKA_TOPIC_PREFIX", ""))
     kafka_partitions: int = field(default_factory=lambda: _env_int("KAFKA_PARTITIONS", 6))
 
+    # Where HTTP processes listen: loopback locally, 0.0.0.0 in containers.
+    bind_host: str = field(default_factory=lambda: _env("BIND_HOST", "127.0.0.1"))
     gateway_port: int = field(default_factory=lambda: _env_int("GATEWAY_PORT", 8080))
     orders_port: int = field(default_factory=lambda: _env_int("ORDERS_PORT", 8081))
     payments_port: int = field(default_factory=lambda: _env_int("PAYMENTS_PORT", 8082))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -92,12 +92,14 @@ def decode(raw: bytes, expected_type: str) -> Envelope:
     )
 
 
-def event_id_for(
-    headers: list[tuple[str, bytes | str | None]] | None, topic: str, partition: int, offset: int
-) -> uuid.UUID:
+Headers = Mapping[str, bytes | str | None] | Sequence[tuple[str, bytes | str | None]] | None
+
+
+def event_id_for(headers: Headers, topic: str, partition: int, offset: int) -> uuid.UUID:
     """The dedupe key of a received message: its `event_id` header, or, when that is missing or
     malformed (poison), a stable id derived from where the message sits in the log."""
-    for name, value in headers or ():
+    pairs = headers.items() if isinstance(headers, Mapping) else headers or ()
+    for name, value in pairs:
         if name == EVENT_ID_HEADER and value is not None:
             text = value.decode(errors="replace") if isinstance(value, bytes) else value
             try:

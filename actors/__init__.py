@@ -1,0 +1,1 @@
+"""Dramatiq actors and the long-running pipeline processes: listener, consumers, dashboard."""

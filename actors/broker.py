@@ -1,0 +1,148 @@
+"""The Dramatiq broker on Redis, and the per-service actors that move the outbox and inbox.
+
+A Dramatiq message is only a wake-up call: the rows in Postgres are the truth, so a lost
+message delays work until the next sweep and never loses it."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import dramatiq
+from confluent_kafka import Producer
+from dramatiq.brokers.redis import RedisBroker
+from dramatiq.middleware import Middleware
+from psycopg_pool import ConnectionPool
+
+from actors import pipeline
+from services.common import db, kafka
+from services.common.config import Config, load
+from services.common.inbox import ApplyHandler
+
+log = logging.getLogger(__name__)
+
+config = load()
+broker = RedisBroker(  # type: ignore[no-untyped-call]
+    url=config.redis_url,
+    socket_timeout=config.kafka_timeout,
+    socket_connect_timeout=config.db_connect_timeout,
+    health_check_interval=10,
+)
+dramatiq.set_broker(broker)
+
+
+class Resources:
+    """One service's database pool and Kafka producer in this worker process, made on first
+    use and closed when the worker shuts down (flushing what the producer still holds)."""
+
+    def __init__(self, service: str, make_handler: Callable[[Config], ApplyHandler]) -> None:
+        self.service = service
+        self._make_handler = make_handler
+        self._lock = threading.Lock()
+        self._pool: ConnectionPool | None = None
+        self._producer: Producer | None = None
+        self._handler: ApplyHandler | None = None
+        self._topics_ready = False
+
+    def pool(self) -> ConnectionPool:
+        with self._lock:
+            if self._pool is None:
+                self._pool = db.sync_pool(config, self.service, f"{self.service}-worker", size=4)
+            return self._pool
+
+    def producer(self) -> Producer:
+        with self._lock:
+            if not self._topics_ready:
+                kafka.ensure_topics(config)
+                self._topics_ready = True
+            if self._producer is None:
+                self._producer = Producer(kafka.producer_settings(config, f"{self.service}-relay"))
+            return self._producer
+
+    def handler(self) -> ApplyHandler:
+        with self._lock:
+            if self._handler is None:
+                self._handler = self._make_handler(config)
+            return self._handler
+
+    def close(self) -> None:
+        with self._lock:
+            if self._producer is not None:
+                left = self._producer.flush(config.kafka_timeout)
+                if left:
+                    log.warning("%s relay: %d message(s) unflushed at shutdown", self.service, left)
+                self._producer = None
+            if self._pool is not None:
+                self._pool.close(timeout=5)
+                self._pool = None
+
+
+class CloseResources(Middleware):
+    """Flush producers and close pools when the worker stops (SIGTERM)."""
+
+    def __init__(self) -> None:
+        self.resources: list[Resources] = []
+
+    def after_worker_shutdown(self, broker: Any, worker: Any) -> None:
+        for resources in self.resources:
+            resources.close()
+
+
+closer = CloseResources()
+broker.add_middleware(closer)
+
+# Actor retries are the short-term safety net (a Kafka or database blip); the sweeper is the
+# long-term one, so retries stay few and fast.
+ACTOR_OPTIONS: dict[str, Any] = {
+    "max_retries": 3,
+    "min_backoff": 200,
+    "max_backoff": 5_000,
+    "time_limit": 120_000,
+}
+
+
+@dataclass(frozen=True)
+class ServiceActors:
+    """The three actors of one service, on that service's queue."""
+
+    relay_outbox: dramatiq.Actor[[], int]
+    apply_inbox: dramatiq.Actor[[], int]
+    sweep: dramatiq.Actor[[], None]
+
+
+def declare(service: str, make_handler: Callable[[Config], ApplyHandler]) -> ServiceActors:
+    """Declare `relay_<service>_outbox`, `apply_<service>_inbox` and `sweep_<service>`."""
+    resources = Resources(service, make_handler)
+    closer.resources.append(resources)
+
+    def relay_outbox() -> int:
+        return pipeline.relay_outbox(resources.pool(), resources.producer(), config)
+
+    def apply_inbox() -> int:
+        return pipeline.apply_inbox(resources.pool(), resources.handler(), config)
+
+    def sweep() -> None:
+        relayed = relay_outbox()
+        applied = apply_inbox()
+        purged = pipeline.purge(resources.pool(), config)
+        if relayed or applied or purged.outbox or purged.inbox:
+            log.info(
+                "%s sweep: relayed %d, applied %d, purged %d outbox / %d inbox rows",
+                service,
+                relayed,
+                applied,
+                purged.outbox,
+                purged.inbox,
+            )
+
+    def actor(fn: Callable[[], Any], name: str) -> Any:
+        return dramatiq.actor(actor_name=name, queue_name=service, **ACTOR_OPTIONS)(fn)
+
+    return ServiceActors(
+        relay_outbox=actor(relay_outbox, f"relay_{service}_outbox"),
+        apply_inbox=actor(apply_inbox, f"apply_{service}_inbox"),
+        sweep=actor(sweep, f"sweep_{service}"),
+    )

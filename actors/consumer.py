@@ -1,0 +1,106 @@
+"""A service's Kafka consumer: copies incoming events into its inbox, then commits offsets.
+
+Offsets are committed only after the database transaction that recorded the batch has
+committed, so a crash in between redelivers the batch and the inbox primary key drops the
+duplicates. Applying the events is the actors' job (the inbox trigger wakes them).
+Run it with `python -m actors.consumer orders|payments`."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+
+import psycopg
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message
+from psycopg_pool import ConnectionPool, PoolTimeout
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
+
+from services.common import db, inbox, kafka
+from services.common.config import Config, load
+from services.common.events import TOPIC_PAYMENT_REQUESTED, TOPIC_PAYMENT_RESULT, event_id_for
+from services.common.inbox import Received
+
+log = logging.getLogger("actors.consumer")
+
+# Which topic each service consumes.
+SUBSCRIPTIONS = {"orders": TOPIC_PAYMENT_RESULT, "payments": TOPIC_PAYMENT_REQUESTED}
+BATCH = 500
+
+
+def to_received(message: Message) -> Received:
+    """A Kafka message as an inbox row; poison is kept as it came, to be dead-lettered later."""
+    topic, partition, offset = message.topic() or "", message.partition(), message.offset()
+    key = message.key()
+    return Received(
+        event_id=event_id_for(message.headers(), topic, partition or 0, offset or 0),
+        topic=topic,
+        key=key.decode(errors="replace") if isinstance(key, bytes) else key,
+        partition=partition,
+        offset=offset,
+        payload=message.value() or b"",
+    )
+
+
+def store(pool: ConnectionPool, messages: Sequence[Received], config: Config) -> None:
+    """Record a batch in the inbox, retrying a database outage for a bounded time."""
+    for attempt in Retrying(
+        retry=retry_if_exception_type((psycopg.OperationalError, PoolTimeout)),
+        wait=wait_exponential_jitter(multiplier=0.2, max=5),
+        stop=stop_after_delay(config.db_statement_timeout * 12),
+        reraise=True,
+    ):
+        with attempt, pool.connection() as conn, conn.transaction():
+            inbox.record(conn, messages)
+
+
+def run(service: str, config: Config, stopping: threading.Event) -> None:
+    """Consume until `stopping` is set; commit each batch's offsets after its inbox commit."""
+    kafka.ensure_topics(config)
+    pool = db.sync_pool(config, service, f"{service}-consumer", size=2)
+    consumer = Consumer(
+        kafka.consumer_settings(config, f"{service}-service", f"{service}-consumer")
+    )
+    consumer.subscribe([config.topic(SUBSCRIPTIONS[service])])
+    log.info("%s consumer: subscribed to %s", service, config.topic(SUBSCRIPTIONS[service]))
+    try:
+        while not stopping.is_set():
+            messages = consumer.consume(num_messages=BATCH, timeout=0.5)
+            batch = []
+            for message in messages:
+                error = message.error()
+                if error is None:
+                    batch.append(to_received(message))
+                elif error.code() != KafkaError._PARTITION_EOF:
+                    log.warning("%s consumer: %s", service, error)
+            if not batch:
+                continue
+            store(pool, batch, config)
+            try:
+                consumer.commit(asynchronous=False)
+            except KafkaException as exc:
+                # A rebalance took the partitions away mid-batch: their new owner gets the
+                # messages again and the inbox drops what we already recorded.
+                log.warning("%s consumer: offset commit failed: %s", service, exc)
+    finally:
+        consumer.close()  # leaves the group at once, so partitions move without waiting
+        pool.close(timeout=5)
+        log.info("%s consumer: stopped", service)
+
+
+def main(argv: Sequence[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if len(argv) != 1 or argv[0] not in SUBSCRIPTIONS:
+        print("usage: python -m actors.consumer orders|payments", file=sys.stderr)
+        return 2
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    run(argv[0], load(), stopping)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

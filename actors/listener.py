@@ -1,0 +1,111 @@
+"""The listener: turns Postgres NOTIFY into Dramatiq wake-ups, and schedules the sweeper.
+
+One thread per database holds a dedicated autocommit connection with `LISTEN outbox_pending`
+and `LISTEN inbox_pending`. Notifications that arrive together are coalesced into one message
+per channel. After every (re)connect it sends one sweep, because notifications raised while it
+was away are gone. The main thread sends a sweep per service every `SWEEP_INTERVAL` seconds.
+Run it with `python -m actors.listener`."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable
+
+import psycopg
+from tenacity import Retrying, retry_if_exception_type, wait_exponential_jitter
+
+from actors import orders, payments
+from actors.broker import ServiceActors, config
+from services.common import db
+
+log = logging.getLogger("actors.listener")
+
+SERVICES: dict[str, ServiceActors] = {"orders": orders.actors, "payments": payments.actors}
+CHANNELS = ("outbox_pending", "inbox_pending")
+
+
+def wake(actors: ServiceActors, channel: str) -> None:
+    """Send the actor message that handles a notification on `channel`."""
+    if channel == "outbox_pending":
+        actors.relay_outbox.send()
+    elif channel == "inbox_pending":
+        actors.apply_inbox.send()
+
+
+def listen(service: str, actors: ServiceActors, stopping: threading.Event) -> None:
+    """Hold one LISTEN connection to `service`'s database until `stopping`, reconnecting.
+    Anything else going wrong stops the whole listener, so its supervisor restarts it."""
+    try:
+        _listen(service, actors, stopping)
+    except Exception:
+        log.exception("%s: listener thread failed", service)
+        stopping.set()
+        raise
+
+
+def _listen(service: str, actors: ServiceActors, stopping: threading.Event) -> None:
+    kwargs = db.connection_kwargs(config, f"{service}-listener")
+    for attempt in Retrying(
+        retry=retry_if_exception_type((psycopg.OperationalError, OSError)),
+        wait=wait_exponential_jitter(multiplier=0.2, max=5),
+        reraise=True,
+    ):
+        with attempt:
+            if stopping.is_set():
+                return
+            with psycopg.connect(config.database_url(service), autocommit=True, **kwargs) as conn:
+                for channel in CHANNELS:
+                    conn.execute(f"LISTEN {channel}")
+                log.info("%s: listening on %s", service, ", ".join(CHANNELS))
+                actors.sweep.send()  # whatever was notified while we were away
+                while not stopping.is_set():
+                    channels = {n.channel for n in conn.notifies(timeout=0.5, stop_after=1)}
+                    if not channels:
+                        continue
+                    # Drain what else is already queued: one wake-up serves them all.
+                    channels |= {n.channel for n in conn.notifies(timeout=0.001)}
+                    for channel in channels:
+                        wake(actors, channel)
+
+
+def schedule_sweeps(stopping: threading.Event, send: Callable[[], None]) -> None:
+    while not stopping.wait(config.sweep_interval):
+        try:
+            send()
+        except Exception:
+            log.exception("could not send sweep messages")
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    stopping, signalled = threading.Event(), threading.Event()
+
+    def on_signal(*_: object) -> None:
+        signalled.set()
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    threads = [
+        threading.Thread(target=listen, args=(name, actors, stopping), name=name, daemon=True)
+        for name, actors in SERVICES.items()
+    ]
+    for thread in threads:
+        thread.start()
+
+    def sweep_all() -> None:
+        for actors in SERVICES.values():
+            actors.sweep.send()
+
+    schedule_sweeps(stopping, sweep_all)
+    for thread in threads:
+        thread.join(timeout=5)
+    log.info("listener stopped")
+    # A thread that died is a failure: exit non-zero so the process manager restarts us.
+    return 0 if signalled.is_set() else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,10 @@
+"""The Orders service's actors: `dramatiq actors.orders` runs them."""
+
+from services.orders.handlers import make_handler
+
+from actors.broker import declare
+
+actors = declare("orders", make_handler)
+relay_orders_outbox = actors.relay_outbox
+apply_orders_inbox = actors.apply_inbox
+sweep_orders = actors.sweep

@@ -1,0 +1,108 @@
+"""The work the actors do, free of Dramatiq: relay the outbox to Kafka, apply the inbox,
+sweep what a lost wake-up left behind, and purge old rows.
+
+Every function takes its pool and clients as arguments, so tests call them directly."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Final
+
+from confluent_kafka import Producer
+from psycopg_pool import ConnectionPool
+
+from services.common import inbox, outbox
+from services.common.config import Config
+from services.common.events import EVENT_ID_HEADER, encode
+from services.common.inbox import ApplyHandler
+from services.common.kafka import Outgoing, produce_batch
+
+log = logging.getLogger(__name__)
+
+# One relay at a time per database keeps every key's events in outbox order on the topic.
+RELAY_LOCK: Final = "SELECT pg_advisory_xact_lock(hashtext('outbox_relay'))"
+
+
+class RelayIncomplete(RuntimeError):
+    """Kafka did not acknowledge every message of a batch; the rest is retried later."""
+
+
+def to_outgoing(row: tuple[Any, ...]) -> Outgoing:
+    """An outbox row as the Kafka message that carries it."""
+    row_id, event_id, topic, key, payload = row
+    envelope_type = payload.get("type", "") if isinstance(payload, dict) else ""
+    return Outgoing(
+        ref=row_id,
+        topic=topic,
+        key=key,
+        value=encode(payload),
+        headers=((EVENT_ID_HEADER, str(event_id).encode()), ("type", str(envelope_type).encode())),
+    )
+
+
+def relay_outbox(pool: ConnectionPool, producer: Producer, config: Config) -> int:
+    """Publish pending outbox rows, batch by batch, until none is left; return how many.
+
+    Rows are marked published only after Kafka acknowledged them: a relay killed in between
+    re-sends them later, and consumers drop the duplicates by `event_id`."""
+    published = 0
+    while True:
+        with pool.connection() as conn, conn.transaction():
+            conn.execute(RELAY_LOCK)
+            rows = conn.execute(outbox.CLAIM, {"limit": config.relay_batch_size}).fetchall()
+            if not rows:
+                return published
+            delivered = produce_batch(
+                producer, [to_outgoing(r) for r in rows], config.kafka_timeout
+            )
+            if delivered:
+                conn.execute(outbox.MARK_PUBLISHED, {"ids": delivered})
+        published += len(delivered)
+        if len(delivered) < len(rows):
+            raise RelayIncomplete(f"{len(rows) - len(delivered)} of {len(rows)} not acknowledged")
+        if len(rows) < config.relay_batch_size:
+            return published
+
+
+def apply_inbox(pool: ConnectionPool, handler: ApplyHandler, config: Config) -> int:
+    """Apply pending inbox rows, batch by batch, until a batch comes back short."""
+    applied = 0
+    while True:
+        with pool.connection() as conn:
+            report = inbox.apply_pending(
+                conn, handler, limit=config.apply_batch_size, max_attempts=config.max_attempts
+            )
+        applied += report.applied
+        if report.claimed < config.apply_batch_size:
+            return applied
+
+
+@dataclass(frozen=True)
+class Purged:
+    outbox: int
+    inbox: int
+
+
+def purge(pool: ConnectionPool, config: Config) -> Purged:
+    """Delete published outbox rows and processed inbox rows older than the retention window."""
+    params = {"retention_seconds": config.retention_hours * 3600}
+    with pool.connection() as conn, conn.transaction():
+        outbox_rows = conn.execute(outbox.PURGE, params).rowcount
+        inbox_rows = conn.execute(inbox.PURGE, params).rowcount
+    return Purged(outbox=outbox_rows, inbox=inbox_rows)
+
+
+def backlog(pool: ConnectionPool) -> dict[str, float]:
+    """Pending counts and oldest ages, for logs and metrics."""
+    with pool.connection() as conn:
+        outbox_count, outbox_age = conn.execute(outbox.BACKLOG).fetchone() or (0, 0)
+        inbox_count, inbox_age = conn.execute(inbox.BACKLOG).fetchone() or (0, 0)
+        (dead,) = conn.execute(inbox.DEAD_LETTER_COUNT).fetchone() or (0,)
+    return {
+        "outbox_pending": float(outbox_count),
+        "outbox_oldest_seconds": float(outbox_age),
+        "inbox_pending": float(inbox_count),
+        "inbox_oldest_seconds": float(inbox_age),
+        "dead_letters": float(dead),
+    }

@@ -1,0 +1,221 @@
+"""The pipeline's moving parts on real Postgres and Kafka: the relay publishes outbox rows in
+order and marks them only after Kafka acknowledged them; the consumer records messages in the
+inbox and commits offsets only after that commit; the NOTIFY trigger fires once per
+transaction; old rows are purged."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from actors import consumer as consumer_process
+from actors import pipeline
+from services.common import db, inbox, kafka, outbox
+from services.common.config import Config
+from services.common.events import TOPIC_PAYMENT_REQUESTED, TOPIC_PAYMENT_RESULT, Envelope
+
+
+@pytest.fixture
+def config(orders_url: str, payments_url: str) -> Config:
+    """A configuration whose topics and consumer groups belong to this test alone."""
+    return Config(
+        orders_database_url=orders_url,
+        payments_database_url=payments_url,
+        kafka_topic_prefix=f"test-{uuid.uuid4().hex[:12]}.",
+        kafka_partitions=3,
+        relay_batch_size=50,
+        kafka_timeout=10,
+    )
+
+
+@pytest.fixture
+def topics(config: Config) -> Iterator[None]:
+    kafka.ensure_topics(config)
+    yield
+    names = [config.topic(TOPIC_PAYMENT_REQUESTED), config.topic(TOPIC_PAYMENT_RESULT)]
+    client = kafka.admin(config)  # kept alive until the futures resolve
+    for future in client.delete_topics(names, operation_timeout=10).values():
+        future.result(timeout=15)
+
+
+def read_topic(config: Config, topic: str, count: int, timeout: float = 30) -> list[Any]:
+    reader = Consumer(
+        {
+            "bootstrap.servers": config.kafka_bootstrap_servers,
+            "group.id": f"reader-{uuid.uuid4().hex}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
+    reader.subscribe([topic])
+    messages: list[Any] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while len(messages) < count and time.monotonic() < deadline:
+            for message in reader.consume(num_messages=count, timeout=0.5):
+                if message.error() is None:
+                    messages.append(message)
+    finally:
+        reader.close()
+    return messages
+
+
+def add_outbox_rows(conn: psycopg.Connection[Any], config: Config, keys: list[str]) -> list[Any]:
+    envelopes = []
+    with conn.transaction():
+        for index, key in enumerate(keys):
+            envelope = Envelope("payment_requested", {"n": index, "user_id": key})
+            conn.execute(
+                outbox.INSERT, outbox.row(config.topic(TOPIC_PAYMENT_REQUESTED), key, envelope)
+            )
+            envelopes.append(envelope)
+    return envelopes
+
+
+def test_relay_publishes_every_row_once_keeps_key_order_and_marks_rows_published(
+    config: Config, topics: None, orders_db: psycopg.Connection[Any]
+) -> None:
+    keys = [f"user-{i % 4}" for i in range(120)]  # more rows than one batch
+    envelopes = add_outbox_rows(orders_db, config, keys)
+    pool = db.sync_pool(config, "orders", "test-relay", size=2)
+    producer = Producer(kafka.producer_settings(config, "test-relay"))
+    try:
+        assert pipeline.relay_outbox(pool, producer, config) == 120
+        assert pipeline.relay_outbox(pool, producer, config) == 0  # nothing left to send
+    finally:
+        pool.close()
+
+    pending = orders_db.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL").fetchone()
+    assert pending == (0,)
+    messages = read_topic(config, config.topic(TOPIC_PAYMENT_REQUESTED), 120)
+    assert len(messages) == 120
+    sent_ids = [str(e.event_id) for e in envelopes]
+    received_ids = [dict(m.headers())["event_id"].decode() for m in messages]
+    assert sorted(received_ids) == sorted(sent_ids)
+    for key in set(keys):  # per key, the topic holds events in outbox order
+        expected = [str(e.event_id) for e in envelopes if e.payload["user_id"] == key]
+        got = [dict(m.headers())["event_id"].decode() for m in messages if m.key() == key.encode()]
+        assert got == expected
+
+
+def test_rows_kafka_did_not_acknowledge_stay_pending(
+    config: Config, orders_db: psycopg.Connection[Any]
+) -> None:
+    add_outbox_rows(orders_db, config, ["user-a", "user-b"])
+    unreachable = Config(
+        orders_database_url=config.orders_database_url,
+        kafka_bootstrap_servers="127.0.0.1:1",  # nothing listens there
+        kafka_timeout=1,
+    )
+    pool = db.sync_pool(config, "orders", "test-relay", size=1)
+    producer = Producer(kafka.producer_settings(unreachable, "test-relay"))
+    try:
+        with pytest.raises(pipeline.RelayIncomplete):
+            pipeline.relay_outbox(pool, producer, unreachable)
+    finally:
+        pool.close()
+    pending = orders_db.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL").fetchone()
+    assert pending == (2,)
+
+
+def test_one_transaction_raises_one_notify_however_many_outbox_rows(
+    config: Config, orders_url: str, orders_db: psycopg.Connection[Any]
+) -> None:
+    with psycopg.connect(orders_url, autocommit=True) as listener:
+        listener.execute("LISTEN outbox_pending")
+        add_outbox_rows(orders_db, config, ["a", "b", "c"])  # one transaction, three statements
+        add_outbox_rows(orders_db, config, ["d"])  # a second transaction
+        notes = list(listener.notifies(timeout=1.0))
+    assert [n.channel for n in notes] == ["outbox_pending", "outbox_pending"]
+
+
+def committed_offsets(config: Config, topic: str, partitions: int) -> int:
+    probe = Consumer(
+        {
+            "bootstrap.servers": config.kafka_bootstrap_servers,
+            "group.id": f"{config.kafka_topic_prefix}payments-service",
+        }
+    )
+    try:
+        positions = probe.committed(
+            [TopicPartition(topic, p) for p in range(partitions)], timeout=10
+        )
+    finally:
+        probe.close()
+    return sum(max(tp.offset, 0) for tp in positions)
+
+
+def test_consumer_records_messages_once_and_commits_offsets_after_the_inbox(
+    config: Config, topics: None, payments_db: psycopg.Connection[Any]
+) -> None:
+    topic = config.topic(TOPIC_PAYMENT_REQUESTED)
+    producer = Producer(kafka.producer_settings(config, "test-producer"))
+    event_ids = []
+    for index in range(30):
+        envelope = Envelope("payment_requested", {"n": index})
+        event_ids.append(envelope.event_id)
+        headers = [("event_id", str(envelope.event_id).encode())]
+        producer.produce(topic, key=f"k{index % 5}", value=b"{}", headers=headers)
+    # The same event delivered again, and a message with no event_id at all.
+    producer.produce(
+        topic, key="k0", value=b"dup", headers=[("event_id", str(event_ids[0]).encode())]
+    )
+    producer.produce(topic, key="k1", value=b"not json")
+    assert producer.flush(10) == 0
+
+    stopping = threading.Event()
+    worker = threading.Thread(target=consumer_process.run, args=("payments", config, stopping))
+    worker.start()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if committed_offsets(config, topic, 3) == 32:
+                break
+            time.sleep(0.3)
+    finally:
+        stopping.set()
+        worker.join(timeout=30)
+    assert not worker.is_alive()
+    assert committed_offsets(config, topic, 3) == 32
+    rows = payments_db.execute("SELECT event_id FROM inbox").fetchall()
+    recorded = {r[0] for r in rows}
+    assert len(rows) == 31  # 30 events + the poison; the duplicate was dropped
+    assert set(event_ids) <= recorded
+
+
+def test_inbox_record_of_a_known_event_id_is_a_no_op(payments_db: psycopg.Connection[Any]) -> None:
+    message = inbox.Received(uuid.uuid4(), "t", "k", 0, 1, b"{}")
+    with payments_db.transaction():
+        inbox.record(payments_db, [message])
+    with payments_db.transaction():
+        inbox.record(payments_db, [message, message])
+    assert payments_db.execute("SELECT count(*) FROM inbox").fetchone() == (1,)
+
+
+def test_purge_removes_only_rows_older_than_the_retention_window(
+    config: Config, orders_db: psycopg.Connection[Any]
+) -> None:
+    add_outbox_rows(orders_db, config, ["a", "b", "c"])
+    orders_db.execute(
+        "UPDATE outbox SET published_at = now() - interval '2 days' WHERE key = 'a';"
+        "UPDATE outbox SET published_at = now() WHERE key = 'b'"
+    )
+    inbox.record(orders_db, [inbox.Received(uuid.uuid4(), "t", "k", 0, n, b"{}") for n in range(2)])
+    orders_db.execute(
+        "UPDATE inbox SET processed_at = now() - interval '2 days' WHERE kafka_offset = 0"
+    )
+    pool = db.sync_pool(config, "orders", "test-purge", size=1)
+    try:
+        purged = pipeline.purge(pool, config)
+    finally:
+        pool.close()
+    assert purged == pipeline.Purged(outbox=1, inbox=1)
+    left = orders_db.execute("SELECT key FROM outbox ORDER BY key").fetchall()
+    assert left == [("b",), ("c",)]  # the recent published row and the pending one stay

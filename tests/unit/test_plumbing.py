@@ -1,0 +1,93 @@
+"""Pure helpers of the shared plumbing: ids, validation, backoff, configuration, relay rows."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+
+from actors.pipeline import to_outgoing
+from services.common import validation
+from services.common.config import Config
+from services.common.events import PoisonMessage
+from services.common.ids import uuid7
+from services.common.inbox import backoff_seconds, describe_failure
+from services.common.problems import FieldError
+
+BODY = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["amount", "user_id"],
+    "properties": {"amount": validation.AMOUNT_SCHEMA, "user_id": validation.UUID_SCHEMA},
+}
+
+
+def test_uuid7_is_version_7_and_time_ordered() -> None:
+    first = uuid7()
+    time.sleep(0.002)
+    second = uuid7()
+    assert first.version == 7 and first.variant == uuid.RFC_4122
+    assert first < second
+
+
+def test_a_valid_body_has_no_errors() -> None:
+    assert validation.check(BODY, {"amount": 1, "user_id": str(uuid7())}) == []
+
+
+@pytest.mark.parametrize("amount", [0, -1, 1.5, 1.0, "10", True, None, float("nan"), 10**15 + 1])
+def test_amounts_that_are_not_positive_integers_up_to_1e15_are_rejected(amount: object) -> None:
+    errors = validation.check(BODY, {"amount": amount, "user_id": str(uuid7())})
+    assert [e.field for e in errors] == ["amount"]
+
+
+def test_unknown_and_missing_fields_are_named() -> None:
+    errors = validation.check(BODY, {"user_id": "nope", "extra": 1, "more": 2})
+    assert errors == [
+        FieldError("amount", "is required"),
+        FieldError("extra", "unknown field"),
+        FieldError("more", "unknown field"),
+        FieldError("user_id", "must be a valid uuid"),
+    ]
+
+
+def test_path_uuids_must_be_canonical() -> None:
+    good = uuid7()
+    assert validation.parse_uuid("id", str(good)) == good
+    for bad in ["", "nope", good.hex, "{" + str(good) + "}"[:35], str(good)[:-1] + "x"]:
+        assert isinstance(validation.parse_uuid("id", bad), FieldError)
+
+
+def test_backoff_grows_exponentially_and_is_capped() -> None:
+    delays = [backoff_seconds(n) for n in range(12)]
+    assert delays[0] == pytest.approx(0.2)
+    assert delays[1] == pytest.approx(0.4)
+    assert delays == sorted(delays)
+    assert max(delays) == 30.0
+
+
+def test_failure_reasons_say_whether_the_message_is_poison() -> None:
+    assert describe_failure(PoisonMessage("bad amount")) == "poison: bad amount"
+    assert describe_failure(RuntimeError("x" * 2000)).startswith("RuntimeError: x")
+    assert len(describe_failure(RuntimeError("x" * 2000))) == 1000
+
+
+def test_config_reads_the_environment_with_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KAFKA_TOPIC_PREFIX", "t1.")
+    monkeypatch.setenv("RELAY_BATCH_SIZE", "7")
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    config = Config()
+    assert config.topic("orders.payment-requested") == "t1.orders.payment-requested"
+    assert config.relay_batch_size == 7
+    assert config.redis_url == "redis://127.0.0.1:6379/0"
+    assert config.database_url("payments").endswith("/payments")
+
+
+def test_an_outbox_row_becomes_a_message_with_the_event_id_header() -> None:
+    event_id = uuid7()
+    envelope = {"event_id": str(event_id), "type": "payment_result", "payload": {}}
+    message = to_outgoing((17, event_id, "topic", "user", envelope))
+    assert message.ref == 17
+    assert message.key == "user"
+    assert ("event_id", str(event_id).encode()) in message.headers
+    assert b'"type":"payment_result"' in message.value
