@@ -15,6 +15,7 @@ import dramatiq
 from confluent_kafka import Producer
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import Middleware
+from prometheus_client import start_http_server
 from psycopg_pool import ConnectionPool
 
 from actors import pipeline
@@ -81,10 +82,20 @@ class Resources:
 
 
 class CloseResources(Middleware):
-    """Flush producers and close pools when the worker stops (SIGTERM)."""
+    """Serves the worker's Prometheus metrics once its process is up; flushes producers and
+    closes pools when the worker stops (SIGTERM)."""
 
     def __init__(self) -> None:
         self.resources: list[Resources] = []
+
+    def after_process_boot(self, broker: Any) -> None:
+        services = {r.service for r in self.resources}
+        port = config.worker_metrics_port(services.pop()) if len(services) == 1 else 0
+        if port:
+            try:
+                start_http_server(port, addr=config.bind_host)
+            except OSError as exc:  # a busy port must not stop the work itself
+                log.warning("worker metrics not served on port %d: %s", port, exc)
 
     def after_worker_shutdown(self, broker: Any, worker: Any) -> None:
         for resources in self.resources:

@@ -67,7 +67,11 @@ def run(service: str, config: Config, stopping: threading.Event) -> None:
     log.info("%s consumer: subscribed to %s", service, config.topic(SUBSCRIPTIONS[service]))
     try:
         while not stopping.is_set():
-            messages = consumer.consume(num_messages=BATCH, timeout=0.5)
+            # Block for the first message only, then take whatever else is already here:
+            # consume(n, timeout) alone would wait for n messages or the whole timeout.
+            messages = consumer.consume(num_messages=1, timeout=0.5)
+            if messages:
+                messages += consumer.consume(num_messages=BATCH - 1, timeout=0)
             batch = []
             for message in messages:
                 error = message.error()

@@ -1,8 +1,7 @@
 """The Orders service's actors: `dramatiq actors.orders` runs them."""
 
-from services.orders.handlers import make_handler
-
 from actors.broker import declare
+from services.orders.handlers import make_handler
 
 actors = declare("orders", make_handler)
 relay_orders_outbox = actors.relay_outbox

@@ -1,8 +1,7 @@
 """The Payments service's actors: `dramatiq actors.payments` runs them."""
 
-from services.payments.handlers import make_handler
-
 from actors.broker import declare
+from services.payments.handlers import make_handler
 
 actors = declare("payments", make_handler)
 relay_payments_outbox = actors.relay_outbox

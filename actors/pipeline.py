@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from confluent_kafka import Producer
+from prometheus_client import Counter, Histogram
 from psycopg_pool import ConnectionPool
 
 from services.common import inbox, outbox
@@ -19,6 +20,19 @@ from services.common.inbox import ApplyHandler
 from services.common.kafka import Outgoing, produce_batch
 
 log = logging.getLogger(__name__)
+
+# Served by each worker process (see actors/broker.py); `pool` is "<service>-worker".
+BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+RELAY_BATCH = Histogram(
+    "relay_batch_size", "Outbox rows per relay batch", ["pool"], buckets=BATCH_BUCKETS
+)
+APPLY_BATCH = Histogram(
+    "apply_batch_size", "Inbox rows per apply batch", ["pool"], buckets=BATCH_BUCKETS
+)
+RELAYED = Counter("relayed_events", "Outbox rows published to Kafka", ["pool"])
+APPLIED = Counter("applied_events", "Inbox rows applied", ["pool"])
+RETRIED = Counter("retried_events", "Inbox rows that failed and will be retried", ["pool"])
+DEAD = Counter("dead_lettered_events", "Inbox rows moved to dead_letters", ["pool"])
 
 # One relay at a time per database keeps every key's events in outbox order on the topic.
 RELAY_LOCK: Final = "SELECT pg_advisory_xact_lock(hashtext('outbox_relay'))"
@@ -74,6 +88,11 @@ def apply_inbox(pool: ConnectionPool, handler: ApplyHandler, config: Config) -> 
                 conn, handler, limit=config.apply_batch_size, max_attempts=config.max_attempts
             )
         applied += report.applied
+        if report.claimed:
+            APPLY_BATCH.labels(pool.name).observe(report.claimed)
+            APPLIED.labels(pool.name).inc(report.applied)
+            RETRIED.labels(pool.name).inc(report.retried)
+            DEAD.labels(pool.name).inc(report.dead)
         if report.claimed < config.apply_batch_size:
             return applied
 

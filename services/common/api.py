@@ -291,9 +291,9 @@ class RequestContext:
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status_holder[0] = message["status"]
-                message.setdefault("headers", [])
+                # Replace, not add: a problem answer already carries the id (`Problem.response`).
                 message["headers"] = [
-                    *message["headers"],
+                    *(h for h in message.get("headers", []) if h[0].lower() != b"x-request-id"),
                     (b"x-request-id", request_id.encode("latin-1")),
                 ]
             await send(message)

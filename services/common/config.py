@@ -19,23 +19,30 @@ def _env_float(name: str, default: float) -> float:
     return float(_env(name, str(default)))
 
 
+def _local_postgres(database: str) -> str:
+    return f"postgresql://postgres:postgres@127.0.0.1:{_env('POSTGRES_PORT', '5432')}/{database}"
+
+
 @dataclass(frozen=True)
 class Config:
     """Every knob of every process; see `.env.sample` files and the README's table."""
 
+    # The defaults point at the local stack (`just up`), whose ports the *_PORT variables move.
     orders_database_url: str = field(
-        default_factory=lambda: _env(
-            "ORDERS_DATABASE_URL", "postgresql://postgres:postgres@127.0.0.1:5432/orders"
-        )
+        default_factory=lambda: _env("ORDERS_DATABASE_URL", _local_postgres("orders"))
     )
     payments_database_url: str = field(
+        default_factory=lambda: _env("PAYMENTS_DATABASE_URL", _local_postgres("payments"))
+    )
+    redis_url: str = field(
         default_factory=lambda: _env(
-            "PAYMENTS_DATABASE_URL", "postgresql://postgres:postgres@127.0.0.1:5432/payments"
+            "REDIS_URL", f"redis://127.0.0.1:{_env('REDIS_PORT', '6379')}/0"
         )
     )
-    redis_url: str = field(default_factory=lambda: _env("REDIS_URL", "redis://127.0.0.1:6379/0"))
     kafka_bootstrap_servers: str = field(
-        default_factory=lambda: _env("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+        default_factory=lambda: _env(
+            "KAFKA_BOOTSTRAP_SERVERS", f"127.0.0.1:{_env('KAFKA_PORT', '9092')}"
+        )
     )
     # Prefixes every topic and consumer group, so a test run never meets the live system's events.
     kafka_topic_prefix: str = field(default_factory=lambda: _env("KAFKA_TOPIC_PREFIX", ""))
@@ -47,6 +54,13 @@ class Config:
     orders_port: int = field(default_factory=lambda: _env_int("ORDERS_PORT", 8081))
     payments_port: int = field(default_factory=lambda: _env_int("PAYMENTS_PORT", 8082))
     dashboard_port: int = field(default_factory=lambda: _env_int("DASHBOARD_PORT", 8090))
+    # Prometheus metrics of the Dramatiq worker processes (relay and apply batches).
+    orders_worker_metrics_port: int = field(
+        default_factory=lambda: _env_int("ORDERS_WORKER_METRICS_PORT", 9101)
+    )
+    payments_worker_metrics_port: int = field(
+        default_factory=lambda: _env_int("PAYMENTS_WORKER_METRICS_PORT", 9102)
+    )
     orders_url: str = field(
         default_factory=lambda: _env(
             "ORDERS_URL", f"http://127.0.0.1:{_env('ORDERS_PORT', '8081')}"
@@ -77,6 +91,13 @@ class Config:
     def topic(self, name: str) -> str:
         """The real topic name for one of the contract's topics."""
         return f"{self.kafka_topic_prefix}{name}"
+
+    def worker_metrics_port(self, service: str) -> int:
+        """Where the worker process of `orders` or `payments` serves its metrics."""
+        return {
+            "orders": self.orders_worker_metrics_port,
+            "payments": self.payments_worker_metrics_port,
+        }[service]
 
     def database_url(self, service: str) -> str:
         """The database URL of `orders` or `payments`."""

@@ -7,7 +7,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from services.common.config import Config
@@ -53,13 +60,12 @@ def consumer_settings(config: Config, group: str, client_id: str) -> dict[str, A
 
 
 def admin(config: Config) -> AdminClient:
-    return AdminClient(
-        {
-            "bootstrap.servers": config.kafka_bootstrap_servers,
-            "logger": KAFKA_LOG,
-            "socket.timeout.ms": int(config.kafka_timeout * 1000),
-        }
-    )
+    settings: dict[str, Any] = {
+        "bootstrap.servers": config.kafka_bootstrap_servers,
+        "logger": KAFKA_LOG,
+        "socket.timeout.ms": int(config.kafka_timeout * 1000),
+    }
+    return AdminClient(settings)
 
 
 def ensure_topics(config: Config) -> None:
@@ -129,3 +135,30 @@ def produce_batch(producer: Producer, messages: Sequence[Outgoing], timeout: flo
         producer.purge(in_queue=True, in_flight=False)
         producer.flush(0)
     return delivered
+
+
+def consumer_lag(config: Config, group: str, topic: str) -> int:
+    """Messages on `topic` that `group` has not committed yet, summed over partitions."""
+    probe = Consumer(
+        {
+            "bootstrap.servers": config.kafka_bootstrap_servers,
+            "group.id": f"{config.kafka_topic_prefix}{group}",
+            "logger": KAFKA_LOG,
+            "enable.auto.commit": False,
+            "socket.timeout.ms": int(config.kafka_timeout * 1000),
+        }
+    )
+    try:
+        metadata = probe.list_topics(topic, timeout=config.kafka_timeout).topics.get(topic)
+        if metadata is None or metadata.error is not None:
+            return 0
+        partitions = [TopicPartition(topic, p) for p in metadata.partitions]
+        committed = probe.committed(partitions, timeout=config.kafka_timeout)
+        lag = 0
+        for position in committed:
+            low, high = probe.get_watermark_offsets(position, timeout=config.kafka_timeout)
+            start = position.offset if position.offset >= 0 else low
+            lag += max(0, high - start)
+        return lag
+    finally:
+        probe.close()

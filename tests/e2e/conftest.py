@@ -154,7 +154,17 @@ def system() -> Iterator[System]:
     payments_url = _create_database(payments_db, "payments")
     redis_url = f"redis://127.0.0.1:{os.environ.get('REDIS_PORT', '6379')}/{E2E_REDIS_DB}"
     redis.Redis.from_url(redis_url, socket_timeout=5).flushdb()
-    ports = {name: str(free_port()) for name in ("GATEWAY", "ORDERS", "PAYMENTS", "DASHBOARD")}
+    ports = {
+        name: str(free_port())
+        for name in (
+            "GATEWAY",
+            "ORDERS",
+            "PAYMENTS",
+            "DASHBOARD",
+            "ORDERS_WORKER_METRICS",
+            "PAYMENTS_WORKER_METRICS",
+        )
+    }
     services_dir = tempfile.mkdtemp(prefix="e2e-services-")
     env = {
         **os.environ,
