@@ -3,6 +3,7 @@
 
 set shell := ["bash", "-euo", "pipefail", "-c"]
 set positional-arguments
+set dotenv-load
 
 export PATH := justfile_directory() + "/.venv/bin:" + env_var("PATH")
 

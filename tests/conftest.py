@@ -22,6 +22,8 @@ PG_HOST = os.environ.get("STACK_POSTGRES_HOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("POSTGRES_PORT", "5432"))
 PG_USER = os.environ.get("STACK_POSTGRES_USER", "postgres")
 PG_PASSWORD = os.environ.get("STACK_POSTGRES_PASSWORD", "postgres")
+# Test databases carry the run's pid, so two runs on one server never meet.
+RUN = os.getpid()
 
 
 def conninfo(dbname: str) -> str:
@@ -38,7 +40,7 @@ orders_template = factories.postgresql_noproc(
     port=PG_PORT,
     user=PG_USER,
     password=PG_PASSWORD,
-    dbname="test_orders",
+    dbname=f"test_orders_{RUN}",
     load=[partial(_load_schema, "orders")],
 )
 payments_template = factories.postgresql_noproc(
@@ -46,7 +48,7 @@ payments_template = factories.postgresql_noproc(
     port=PG_PORT,
     user=PG_USER,
     password=PG_PASSWORD,
-    dbname="test_payments",
+    dbname=f"test_payments_{RUN}",
     load=[partial(_load_schema, "payments")],
 )
 orders_connection = factories.postgresql("orders_template")

@@ -1,0 +1,316 @@
+"""The Payments HTTP API: open accounts, top them up, read balances.
+
+`uvicorn --factory services.payments.app:create_app` serves it; the gateway reuses `ENDPOINTS`."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Final
+
+import psycopg
+from starlette.applications import Starlette
+from starlette.responses import Response
+
+from services.common import problems
+from services.common.api import PROBLEM_SCHEMA, Call, Endpoint, Reply, respond
+from services.common.config import Config, load
+from services.common.problems import FieldError, Problem
+from services.common.service import create_service_app, pool_of
+from services.common.validation import AMOUNT_SCHEMA, UUID_SCHEMA, Schema
+from services.payments import queries
+from services.payments.domain import new_account
+
+TAG: Final = "accounts"
+EXAMPLE_ACCOUNT_ID: Final = "0190f7a4-5b6c-7d8e-9f00-112233445566"
+EXAMPLE_USER_ID: Final = "0190f7a4-5b6c-7d8e-9f00-aabbccddeeff"
+
+# Request bodies. Unknown fields are refused, so a typo never passes silently.
+CREATE_BODY: Final[Schema] = {
+    "type": "object",
+    "properties": {"user_id": UUID_SCHEMA},
+    "additionalProperties": False,
+}
+CREATE_FOR_USER_BODY: Final[Schema] = {**CREATE_BODY, "required": ["user_id"]}
+TOP_UP_BODY: Final[Schema] = {
+    "type": "object",
+    "required": ["account_id", "amount"],
+    "properties": {"account_id": UUID_SCHEMA, "amount": AMOUNT_SCHEMA},
+    "additionalProperties": False,
+}
+DEPOSIT_BODY: Final[Schema] = {
+    "type": "object",
+    "required": ["amount"],
+    "properties": {
+        "amount": AMOUNT_SCHEMA,
+        "user_id": {**UUID_SCHEMA, "description": "Optional; must equal the user id in the path."},
+    },
+    "additionalProperties": False,
+}
+
+# Response bodies.
+BALANCE_SCHEMA: Final[Schema] = {"type": "integer", "minimum": 0, "description": "Minor units."}
+ACCOUNT: Final[Schema] = {
+    "type": "object",
+    "required": ["account_id", "user_id", "balance", "created_at"],
+    "properties": {
+        "account_id": UUID_SCHEMA,
+        "user_id": UUID_SCHEMA,
+        "balance": BALANCE_SCHEMA,
+        "created_at": {"type": "string", "format": "date-time"},
+    },
+}
+ACCOUNT_BALANCE: Final[Schema] = {
+    "type": "object",
+    "required": ["account_id", "balance"],
+    "properties": {"account_id": UUID_SCHEMA, "balance": BALANCE_SCHEMA},
+}
+USER_BALANCE: Final[Schema] = {
+    "type": "object",
+    "required": ["account_id", "user_id", "balance"],
+    "properties": {"account_id": UUID_SCHEMA, "user_id": UUID_SCHEMA, "balance": BALANCE_SCHEMA},
+}
+ACCOUNT_EXISTS: Final[Schema] = {
+    **PROBLEM_SCHEMA,
+    "required": [*PROBLEM_SCHEMA["required"], "account_id"],
+    "properties": {**PROBLEM_SCHEMA["properties"], "account_id": UUID_SCHEMA},
+}
+
+# The error answers, documented on every endpoint that can give them.
+MALFORMED: Final = Reply("Malformed JSON.")
+NOT_FOUND: Final = Reply("No such account.")
+TOO_LARGE: Final = Reply("Body over 64 KiB.")
+MEDIA_TYPE: Final = Reply("Body is not application/json.")
+INVALID: Final = Reply("Invalid input: `errors` lists each field and why.")
+UNAVAILABLE: Final = Reply("The database is unreachable; retry after `Retry-After` seconds.")
+CONFLICT: Final = Reply(
+    "The user already has an account; `account_id` names it.",
+    ACCOUNT_EXISTS,
+    {
+        "type": "/problems/account-exists",
+        "title": "Account already exists",
+        "status": 409,
+        "detail": f"User {EXAMPLE_USER_ID} already has account {EXAMPLE_ACCOUNT_ID}.",
+        "account_id": EXAMPLE_ACCOUNT_ID,
+    },
+)
+BODY_ERRORS: Final = {400: MALFORMED, 413: TOO_LARGE, 415: MEDIA_TYPE, 422: INVALID}
+
+
+def account_exists(user_id: uuid.UUID, account_id: uuid.UUID) -> Problem:
+    return Problem(
+        409,
+        "Account already exists",
+        f"User {user_id} already has account {account_id}.",
+        "account-exists",
+        extra={"account_id": str(account_id), "user_id": str(user_id)},
+    )
+
+
+def no_account_of_user(user_id: uuid.UUID) -> Problem:
+    return Problem(404, "Account not found", f"User {user_id} has no account.", "not-found")
+
+
+def balance_limit_exceeded() -> Problem:
+    return Problem(
+        422,
+        "Balance limit exceeded",
+        "The top-up would take the balance past the largest amount an account can hold.",
+        "balance-limit",
+        [FieldError("amount", "would overflow the balance")],
+    )
+
+
+async def open_account(call: Call, user_id: uuid.UUID | None) -> Response:
+    """Open the one account of `user_id` (a new user when None), or 409 naming the existing."""
+    ids = new_account(user_id)
+    params = {"account_id": ids.account_id, "user_id": ids.user_id}
+    async with pool_of(call.request).connection() as conn:
+        # Insert-or-find: accounts are never deleted, so when the insert yields nothing the
+        # lookup finds the winner; looping keeps that true even if it ever were not.
+        while True:
+            created = await (await conn.execute(queries.CREATE_ACCOUNT, params)).fetchone()
+            if created is not None:
+                account_id, owner, balance, created_at = created
+                account = {
+                    "account_id": account_id,
+                    "user_id": owner,
+                    "balance": balance,
+                    "created_at": created_at,
+                }
+                return respond(account, 201)
+            existing = await (await conn.execute(queries.ACCOUNT_OF_USER, params)).fetchone()
+            if existing is not None:
+                raise account_exists(ids.user_id, existing[0])
+
+
+async def create_account(call: Call) -> Response:
+    body = call.body or {}
+    user_id = uuid.UUID(body["user_id"]) if "user_id" in body else None
+    return await open_account(call, user_id)
+
+
+async def create_account_for_user(call: Call) -> Response:
+    return await open_account(call, uuid.UUID(call.body["user_id"]))
+
+
+async def fetch_account(call: Call, query: str, params: dict[str, Any]) -> tuple[Any, ...] | None:
+    """Run one statement answering (account_id, user_id, balance); None when no account."""
+    async with pool_of(call.request).connection() as conn:
+        return await (await conn.execute(query, params)).fetchone()
+
+
+async def credit(call: Call, query: str, params: dict[str, Any]) -> tuple[Any, ...] | None:
+    """Run a top-up statement; a balance past BIGINT is the client's error, not ours."""
+    try:
+        return await fetch_account(call, query, params)
+    except psycopg.errors.NumericValueOutOfRange as exc:
+        raise balance_limit_exceeded() from exc
+
+
+async def top_up(call: Call) -> Response:
+    account_id = uuid.UUID(call.body["account_id"])
+    params = {"account_id": account_id, "amount": call.body["amount"]}
+    row = await credit(call, queries.TOP_UP_ACCOUNT, params)
+    if row is None:
+        raise problems.not_found("Account", account_id)
+    return respond({"account_id": row[0], "balance": row[2]})
+
+
+async def deposit(call: Call) -> Response:
+    user_id: uuid.UUID = call.path["user_id"]
+    named = call.body.get("user_id")
+    if named is not None and uuid.UUID(named) != user_id:
+        raise problems.validation_failed(
+            [FieldError("user_id", "must equal the user id in the path")]
+        )
+    row = await credit(
+        call, queries.TOP_UP_USER, {"user_id": user_id, "amount": call.body["amount"]}
+    )
+    if row is None:
+        raise no_account_of_user(user_id)
+    return respond({"account_id": row[0], "user_id": row[1], "balance": row[2]})
+
+
+async def balance_of_account(call: Call) -> Response:
+    account_id: uuid.UUID = call.path["account_id"]
+    row = await fetch_account(call, queries.BALANCE_OF_ACCOUNT, {"account_id": account_id})
+    if row is None:
+        raise problems.not_found("Account", account_id)
+    return respond({"account_id": row[0], "balance": row[2]})
+
+
+async def balance_of_user(call: Call) -> Response:
+    user_id: uuid.UUID = call.query["user_id"]
+    row = await fetch_account(call, queries.BALANCE_OF_USER, {"user_id": user_id})
+    if row is None:
+        raise no_account_of_user(user_id)
+    return respond({"account_id": row[0], "user_id": row[1], "balance": row[2]})
+
+
+ENDPOINTS: Final[list[Endpoint]] = [
+    Endpoint(
+        "POST",
+        "/accounts/create",
+        "createAccount",
+        "Open an account",
+        TAG,
+        create_account,
+        description="Without a body a new user is made and `user_id` equals `account_id`.",
+        body=CREATE_BODY,
+        body_required=False,
+        responses={
+            201: Reply("The new account.", ACCOUNT),
+            409: CONFLICT,
+            503: UNAVAILABLE,
+            **BODY_ERRORS,
+        },
+    ),
+    Endpoint(
+        "POST",
+        "/accounts",
+        "createAccountForUser",
+        "Open the account of a user",
+        TAG,
+        create_account_for_user,
+        body=CREATE_FOR_USER_BODY,
+        responses={
+            201: Reply("The new account.", ACCOUNT),
+            409: CONFLICT,
+            503: UNAVAILABLE,
+            **BODY_ERRORS,
+        },
+    ),
+    Endpoint(
+        "POST",
+        "/accounts/top_up",
+        "topUpAccount",
+        "Top up an account",
+        TAG,
+        top_up,
+        body=TOP_UP_BODY,
+        responses={
+            200: Reply("The new balance.", ACCOUNT_BALANCE),
+            404: NOT_FOUND,
+            503: UNAVAILABLE,
+            **BODY_ERRORS,
+        },
+    ),
+    Endpoint(
+        "POST",
+        "/accounts/{user_id}/deposit",
+        "depositToUser",
+        "Top up the account of a user",
+        TAG,
+        deposit,
+        body=DEPOSIT_BODY,
+        path_params={"user_id": UUID_SCHEMA},
+        responses={
+            200: Reply("The new balance.", USER_BALANCE),
+            404: NOT_FOUND,
+            503: UNAVAILABLE,
+            **BODY_ERRORS,
+        },
+    ),
+    Endpoint(
+        "GET",
+        "/accounts/{account_id}/balance",
+        "getAccountBalance",
+        "Balance of an account",
+        TAG,
+        balance_of_account,
+        path_params={"account_id": UUID_SCHEMA},
+        responses={
+            200: Reply("The balance.", ACCOUNT_BALANCE),
+            404: NOT_FOUND,
+            422: INVALID,
+            503: UNAVAILABLE,
+        },
+    ),
+    Endpoint(
+        "GET",
+        "/accounts/balance",
+        "getUserBalance",
+        "Balance of a user's account",
+        TAG,
+        balance_of_user,
+        query={"user_id": UUID_SCHEMA},
+        required_query=frozenset({"user_id"}),
+        responses={
+            200: Reply("The balance.", USER_BALANCE),
+            404: NOT_FOUND,
+            422: INVALID,
+            503: UNAVAILABLE,
+        },
+    ),
+]
+
+
+def create_app(config: Config | None = None) -> Starlette:
+    """The Payments app; reads the environment when no `config` is given."""
+    return create_service_app(
+        service="payments",
+        title="Payments",
+        description="Accounts, top-ups and balances. Orders are charged from Kafka events.",
+        endpoints=ENDPOINTS,
+        config=config or load(),
+    )

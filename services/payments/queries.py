@@ -1,0 +1,95 @@
+"""The SQL of the Payments service, one named statement per operation.
+
+Every balance change is a single atomic statement that also writes its ledger row: no
+read-then-write, so concurrent top-ups and debits can never lose an update."""
+
+from __future__ import annotations
+
+from typing import Final
+
+# Nothing when the user already has an account: the caller then looks it up. A concurrent
+# insert for the same user makes this wait for it and return nothing, so there is no race.
+CREATE_ACCOUNT: Final = """
+INSERT INTO accounts (id, user_id)
+VALUES (%(account_id)s, %(user_id)s)
+ON CONFLICT (user_id) DO NOTHING
+RETURNING id, user_id, balance, created_at
+"""
+
+ACCOUNT_OF_USER: Final = "SELECT id FROM accounts WHERE user_id = %(user_id)s"
+
+# Data-modifying CTEs always run to completion, so the ledger row is written with the credit.
+TOP_UP_ACCOUNT: Final = """
+WITH credited AS (
+    UPDATE accounts
+    SET balance = balance + %(amount)s, updated_at = now()
+    WHERE id = %(account_id)s
+    RETURNING id, user_id, balance
+), entry AS (
+    INSERT INTO ledger (account_id, kind, amount)
+    SELECT id, 'top_up', %(amount)s FROM credited
+)
+SELECT id, user_id, balance FROM credited
+"""
+
+TOP_UP_USER: Final = """
+WITH credited AS (
+    UPDATE accounts
+    SET balance = balance + %(amount)s, updated_at = now()
+    WHERE user_id = %(user_id)s
+    RETURNING id, user_id, balance
+), entry AS (
+    INSERT INTO ledger (account_id, kind, amount)
+    SELECT id, 'top_up', %(amount)s FROM credited
+)
+SELECT id, user_id, balance FROM credited
+"""
+
+BALANCE_OF_ACCOUNT: Final = "SELECT id, user_id, balance FROM accounts WHERE id = %(account_id)s"
+
+BALANCE_OF_USER: Final = "SELECT id, user_id, balance FROM accounts WHERE user_id = %(user_id)s"
+
+# The whole charge in one statement: the row lock taken by UPDATE serialises debits of one
+# account, `balance >= amount` is re-checked on the locked row, and the NOT EXISTS guards skip
+# an order already debited or declined. The unique index on ledger(order_id) backs the guard
+# should two debits of one order ever race. Returns a row only when this call debited.
+DEBIT: Final = """
+WITH debit AS (
+    UPDATE accounts
+    SET balance = balance - %(amount)s, updated_at = now()
+    WHERE user_id = %(user_id)s
+      AND balance >= %(amount)s
+      AND NOT EXISTS (SELECT 1 FROM ledger WHERE order_id = %(order_id)s AND kind = 'debit')
+      AND NOT EXISTS (SELECT 1 FROM declined_orders WHERE order_id = %(order_id)s)
+    RETURNING id
+)
+INSERT INTO ledger (account_id, kind, amount, order_id)
+SELECT id, 'debit', %(amount)s, %(order_id)s FROM debit
+RETURNING account_id
+"""
+
+# Why DEBIT changed nothing: (account exists, order debited before, reason declined before).
+CHARGE_FACTS: Final = """
+SELECT
+    EXISTS (SELECT 1 FROM accounts WHERE user_id = %(user_id)s),
+    EXISTS (SELECT 1 FROM ledger WHERE order_id = %(order_id)s AND kind = 'debit'),
+    (SELECT reason FROM declined_orders WHERE order_id = %(order_id)s)
+"""
+
+RECORD_DECLINE: Final = """
+INSERT INTO declined_orders (order_id, user_id, amount, reason)
+VALUES (%(order_id)s, %(user_id)s, %(amount)s, %(reason)s)
+ON CONFLICT (order_id) DO NOTHING
+"""
+
+# Reconciliation: accounts whose balance differs from what their ledger adds up to.
+# An empty answer is guarantee 4 (money is conserved) holding.
+LEDGER_MISMATCHES: Final = """
+SELECT a.id, a.balance, coalesce(sum(l.amount) FILTER (WHERE l.kind = 'top_up'), 0)
+                      - coalesce(sum(l.amount) FILTER (WHERE l.kind = 'debit'), 0)
+FROM accounts a
+LEFT JOIN ledger l ON l.account_id = a.id
+GROUP BY a.id, a.balance
+HAVING a.balance <> coalesce(sum(l.amount) FILTER (WHERE l.kind = 'top_up'), 0)
+                  - coalesce(sum(l.amount) FILTER (WHERE l.kind = 'debit'), 0)
+"""
