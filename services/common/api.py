@@ -154,7 +154,7 @@ async def _read_json(request: Request, required: bool) -> Any:
         raise problems.unsupported_media_type(media_type)
     try:
         return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # bad syntax, bad UTF-8, or an integer over 4300 digits
         raise problems.malformed_json(f"The body is not valid JSON: {exc}.") from exc
 
 
@@ -192,7 +192,8 @@ def _route(endpoint: Endpoint) -> Route:
         body = None
         if endpoint.body is not None:
             body = await _read_json(request, endpoint.body_required)
-            if body is not None:
+            # A required body that is JSON `null` is checked (and refused) like any other.
+            if body is not None or endpoint.body_required:
                 errors.extend(validation.check(endpoint.body, body))
         if errors:
             raise validation_error(errors)

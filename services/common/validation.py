@@ -77,9 +77,21 @@ def _message_of(error: ValidationError) -> str:
     return str(error.message)
 
 
+# Building a validator costs far more than running it; schemas are long-lived constants.
+_validators: dict[int, tuple[Schema, Any]] = {}
+
+
+def _validator_for(schema: Schema) -> Any:
+    cached = _validators.get(id(schema))
+    if cached is None or cached[0] is not schema:
+        validator = StrictValidator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
+        cached = _validators[id(schema)] = (schema, validator)
+    return cached[1]
+
+
 def check(schema: Schema, instance: Any) -> list[FieldError]:
     """Every way `instance` breaks `schema`, one error per field, in field order."""
-    validator = StrictValidator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
+    validator = _validator_for(schema)
     errors: dict[str, FieldError] = {}
     for error in validator.iter_errors(instance):
         for name in _field_of(error):
@@ -90,8 +102,9 @@ def check(schema: Schema, instance: Any) -> list[FieldError]:
 def parse_uuid(name: str, text: str) -> uuid.UUID | FieldError:
     """A UUID in its canonical 8-4-4-4-12 form from a path or query string, or the error."""
     try:
-        if len(text) == 36:
-            return uuid.UUID(text)
+        parsed = uuid.UUID(text)
+        if str(parsed) == text.lower():
+            return parsed
     except ValueError:
         pass
     return FieldError(name, "must be a valid uuid")

@@ -1,0 +1,1 @@
+"""The API gateway: the one public entry point, proxying to the Orders and Payments services."""

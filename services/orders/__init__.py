@@ -1,0 +1,1 @@
+"""The Orders service: orders, their payment requests (outbox) and their settled status."""

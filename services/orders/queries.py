@@ -1,0 +1,57 @@
+"""The SQL of the Orders service, parameterised; values never enter the text."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from services.common import outbox
+
+ORDER_COLUMNS: Final = "id, user_id, amount, description, status, reason, created_at, updated_at"
+
+# The order and the event asking for its payment, written by one statement: they commit
+# together or not at all, in one round trip. The outbox half is the shared `outbox.INSERT`,
+# verbatim, as a data-modifying WITH clause; params are `outbox.row(...)` plus the order's.
+CREATE_ORDER: Final = f"""
+WITH payment_requested AS ({outbox.INSERT})
+INSERT INTO orders (id, user_id, amount, description)
+VALUES (%(id)s, %(user_id)s, %(amount)s, %(description)s)
+RETURNING {ORDER_COLUMNS}
+"""
+
+GET_ORDER: Final = f"SELECT {ORDER_COLUMNS} FROM orders WHERE id = %(id)s"
+
+# Each filter is a fixed fragment; `list_orders` picks the ones a request uses, so every
+# combination stays a plain indexed query instead of one `(%s IS NULL OR …)` catch-all.
+_BY_USER: Final = "user_id = %(user_id)s"
+_BY_STATUS: Final = "status = %(status)s"
+# Keyset pagination: strictly after the previous page's last row, so rows inserted meanwhile
+# (always newer) cannot shift a page and no row is seen twice.
+_AFTER_CURSOR: Final = "(created_at, id) < (%(after_created_at)s, %(after_id)s)"
+
+
+def list_orders(*, by_user: bool, by_status: bool, after_cursor: bool) -> str:
+    """A newest-first page of orders, filtered as asked; params `limit` and the filters'."""
+    conditions = [
+        fragment
+        for wanted, fragment in (
+            (by_user, _BY_USER),
+            (by_status, _BY_STATUS),
+            (after_cursor, _AFTER_CURSOR),
+        )
+        if wanted
+    ]
+    where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+    return (
+        f"SELECT {ORDER_COLUMNS} FROM orders {where} "
+        "ORDER BY created_at DESC, id DESC LIMIT %(limit)s"
+    )
+
+
+# The applier holds this row lock while it decides, so two results for one order serialise.
+LOCK_ORDER_STATUS: Final = "SELECT status FROM orders WHERE id = %(id)s FOR UPDATE"
+
+# Compare-and-set: only a new order moves, whatever the caller believed its status to be.
+SETTLE_ORDER: Final = """
+UPDATE orders SET status = %(status)s, reason = %(reason)s, updated_at = clock_timestamp()
+WHERE id = %(id)s AND status = 'new'
+"""
