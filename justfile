@@ -50,13 +50,50 @@ dashboard:
 
 # Lint and type-check.
 lint:
-    ruff check services actors tests
-    ruff format --check services actors tests
+    ruff check services actors tests scripts bench chaos
+    ruff format --check services actors tests scripts bench chaos
     mypy
+    mypy --strict scripts/demo.py bench chaos
 
-# The whole suite: lint, start the servers if needed, unit + integration + end-to-end tests
-# with line coverage of the project's code (fails below 85%).
+# The whole suite: lint, servers up, unit + integration + e2e tests, coverage >= 85%.
 test *args: lint
     scripts/stack.sh up
     rm -f .coverage .coverage.*
     pytest --cov --cov-report=term "$@"
+
+# --- Demo scenarios ---
+# Each prints its HTTP calls and answers as a story, against GATEWAY_URL (default
+# http://127.0.0.1:${GATEWAY_PORT:-8080}), and exits non-zero saying why if an expectation fails.
+
+# The tour: account, top-ups, an order paid live, both failure reasons, a 422, balance arithmetic.
+demo:
+    @python scripts/demo.py tour
+
+# 20 concurrent orders against money for 5: exactly 5 paid, 15 insufficient_funds, balance 0.
+demo-double-spend:
+    @python scripts/demo.py double-spend
+
+# SIGKILL workers mid-burst: every order ends, none charged twice (--orders/--users/--page-size N).
+demo-crash *args:
+    @python scripts/demo.py crash "$@"
+
+# Both seed documents' curl examples, run with real curl against the gateway.
+demo-seed-curl:
+    @scripts/demo-seed-curl.sh
+
+# --- Benchmark ---
+
+# Against the running system (`just up` first); options pass through, `just bench --help` lists
+# them: `just bench --rates 200,500 --duration 30 --profile 20`. Writes .results/latest.{json,png}.
+# Open-loop benchmark: latency percentiles, max sustained rate, CPU per order of every process.
+bench *args:
+    @BENCH_COMMAND="just bench $*" python -m bench "$@"
+
+# --- Chaos ---
+
+# Against the running system (`just up` first): order traffic through the gateway while a seeded
+# schedule kills processes, stops Kafka, crashes Postgres, empties Redis, pauses a consumer and
+# injects duplicates and poison; then checks orders, money, dead letters, backlogs and lag.
+# Fault injection, invariants checked after: `just chaos [--seed N] [--orders N] [--short]`.
+chaos *args:
+    @python -m chaos "$@"

@@ -6,6 +6,7 @@ ports and supervisord, on the stack's real servers, and tears all of it down aft
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -204,3 +205,4 @@ def system() -> Iterator[System]:
                 print(f"topic cleanup: {exc}")
         _drop_database(orders_db)
         _drop_database(payments_db)
+        shutil.rmtree(services_dir, ignore_errors=True)
