@@ -44,6 +44,14 @@ from services.common.problems import FieldError, Problem
 from services.common.validation import Schema
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("access")
+
+
+def configure_logging() -> None:
+    """One log format for every HTTP process: time, logger, message (with the request id)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
 
 MAX_BODY_BYTES = 64 * 1024
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -305,8 +313,17 @@ class RequestContext:
         finally:
             route = scope.get("route")
             route_path = getattr(route, "path", "unmatched")
+            elapsed = time.perf_counter() - started
             self.requests.labels(scope["method"], route_path, str(status_holder[0])).inc()
-            self.latency.labels(scope["method"], route_path).observe(time.perf_counter() - started)
+            self.latency.labels(scope["method"], route_path).observe(elapsed)
+            access_log.info(
+                "%s %s %d %.1fms request_id=%s",
+                scope["method"],
+                scope["path"],
+                status_holder[0],
+                elapsed * 1000,
+                request_id,
+            )
 
 
 ReadinessCheck = Callable[[], Awaitable[None]]

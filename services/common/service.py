@@ -15,7 +15,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 
 from services.common import db, inbox, kafka, outbox
-from services.common.api import Endpoint, ReadinessCheck, build_app
+from services.common.api import Endpoint, ReadinessCheck, build_app, configure_logging
 from services.common.config import Config
 from services.common.events import TOPIC_PAYMENT_REQUESTED, TOPIC_PAYMENT_RESULT
 
@@ -118,6 +118,7 @@ def create_service_app(
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        configure_logging()
         app.state.db = pool
         app.state.config = config
         # Do not block start-up on the database: requests answer 503 until it is reachable.

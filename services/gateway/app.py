@@ -5,7 +5,6 @@ services' own declarations and proxied to the service that owns it.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Final
@@ -14,7 +13,7 @@ import httpx
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 
-from services.common.api import Endpoint, build_app
+from services.common.api import Endpoint, build_app, configure_logging
 from services.common.config import Config, load
 from services.gateway.proxy import Proxy
 from services.orders import app as orders
@@ -49,9 +48,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         # uvicorn configures only its own loggers; without this the proxy's lines go nowhere.
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-        # httpx logs each call at INFO without the request id; the proxy's own line has it.
-        logging.getLogger("httpx").setLevel(logging.WARNING)
+        configure_logging()
         async with proxy.running():
             yield
 

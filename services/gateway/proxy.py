@@ -172,7 +172,7 @@ class Proxy:
             raise problems.service_unavailable(
                 f"The {service} service is unreachable or did not answer in time; retry shortly."
             ) from exc
-        log.info(
+        log.debug(  # the access line (services.common.api) already logs each request at INFO
             "%s %s -> %s %d in %.1f ms (request_id=%s)",
             method,
             request.url.path,
