@@ -33,6 +33,9 @@ def async_pool(config: Config, service: str, application_name: str) -> AsyncConn
         open=False,
         name=application_name,
         reconnect_timeout=30,
+        # After a database restart the pool still holds dead connections; checking each one
+        # on checkout (one empty round trip) spares the next requests a 503.
+        check=AsyncConnectionPool.check_connection,
     )
 
 
@@ -47,4 +50,5 @@ def sync_pool(config: Config, service: str, application_name: str, size: int) ->
         open=True,
         name=application_name,
         reconnect_timeout=30,
+        check=ConnectionPool.check_connection,
     )

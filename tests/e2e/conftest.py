@@ -183,7 +183,7 @@ def system() -> Iterator[System]:
     env.pop("PAYMENTS_URL", None)
     script = str(REPO / "scripts/services.sh")
     started = subprocess.run([script, "up"], env=env, timeout=180, check=False)
-    client = httpx.Client(timeout=10)
+    client = httpx.Client(timeout=30)
     try:
         assert started.returncode == 0, f"the system did not start; logs in {services_dir}"
         yield System(
