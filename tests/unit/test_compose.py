@@ -52,11 +52,11 @@ EXPECTED = {
         "services/payments/app.py",
     ),
     "orders-worker": (
-        ["dramatiq", "actors.orders", "--processes", "1", "--threads", "4"],
+        ["dramatiq", "actors.orders", "--processes", "1", "--threads", "2"],
         "actors/orders.py",
     ),
     "payments-worker": (
-        ["dramatiq", "actors.payments", "--processes", "1", "--threads", "4"],
+        ["dramatiq", "actors.payments", "--processes", "1", "--threads", "2"],
         "actors/payments.py",
     ),
     "orders-consumer": (["python", "-m", "actors.consumer", "orders"], "actors/consumer.py"),
