@@ -53,7 +53,7 @@ lint:
     ruff check services actors tests scripts bench chaos
     ruff format --check services actors tests scripts bench chaos
     mypy
-    mypy --strict scripts/demo.py bench chaos
+    mypy --strict scripts/demo.py
 
 # The whole suite: lint, servers up, unit + integration + e2e tests, coverage >= 85%.
 test *args: lint

@@ -119,8 +119,8 @@ ACTOR_OPTIONS: dict[str, Any] = {
 class ServiceActors:
     """The three actors of one service, on that service's queue."""
 
-    relay_outbox: dramatiq.Actor[[], int]
-    apply_inbox: dramatiq.Actor[[], int]
+    relay_outbox: dramatiq.Actor[[], None]
+    apply_inbox: dramatiq.Actor[[], None]
     sweep: dramatiq.Actor[[], None]
 
 
@@ -129,15 +129,16 @@ def declare(service: str, make_handler: Callable[[Config], ApplyHandler]) -> Ser
     resources = Resources(service, make_handler)
     closer.resources.append(resources)
 
-    def relay_outbox() -> int:
-        return pipeline.relay_outbox(resources.pool(), resources.producer(), config)
+    # Actors return nothing: Dramatiq warns about every returned value without a result backend.
+    def relay_outbox() -> None:
+        pipeline.relay_outbox(resources.pool(), resources.producer(), config)
 
-    def apply_inbox() -> int:
-        return pipeline.apply_inbox(resources.pool(), resources.handler(), config)
+    def apply_inbox() -> None:
+        pipeline.apply_inbox(resources.pool(), resources.handler(), config)
 
     def sweep() -> None:
-        relayed = relay_outbox()
-        applied = apply_inbox()
+        relayed = pipeline.relay_outbox(resources.pool(), resources.producer(), config)
+        applied = pipeline.apply_inbox(resources.pool(), resources.handler(), config)
         purged = pipeline.purge(resources.pool(), config)
         if relayed or applied or purged.outbox or purged.inbox:
             log.info(
