@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any, Final
 
 from services.common.ids import uuid7
@@ -25,6 +26,13 @@ TYPE_PAYMENT_REQUESTED: Final = "payment_requested"
 TYPE_PAYMENT_RESULT: Final = "payment_result"
 
 EVENT_ID_HEADER: Final = "event_id"
+
+
+class FailureReason(StrEnum):
+    """Why a payment failed: part of the `payment_result` event, shared by both services."""
+
+    INSUFFICIENT_FUNDS = "insufficient_funds"
+    ACCOUNT_NOT_FOUND = "account_not_found"
 
 
 class PoisonMessage(ValueError):

@@ -13,7 +13,7 @@ from starlette.responses import Response
 from services.common import outbox, problems
 from services.common.api import Call, Endpoint, Handler, Reply, respond
 from services.common.config import Config, load
-from services.common.events import TOPIC_PAYMENT_REQUESTED
+from services.common.events import TOPIC_PAYMENT_REQUESTED, FailureReason
 from services.common.ids import uuid7
 from services.common.problems import FieldError
 from services.common.service import create_service_app, pool_of
@@ -21,7 +21,6 @@ from services.common.validation import AMOUNT_SCHEMA, MAX_DESCRIPTION, UUID_SCHE
 from services.orders import queries
 from services.orders.domain import (
     Cursor,
-    FailureReason,
     InvalidCursor,
     Order,
     OrderStatus,

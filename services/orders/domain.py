@@ -13,18 +13,19 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Final
 
-from services.common.events import TYPE_PAYMENT_REQUESTED, Envelope, PoisonMessage, require_uuid
+from services.common.events import (
+    TYPE_PAYMENT_REQUESTED,
+    Envelope,
+    FailureReason,
+    PoisonMessage,
+    require_uuid,
+)
 
 
 class OrderStatus(StrEnum):
     NEW = "new"
     PAID = "paid"
     FAILED = "failed"
-
-
-class FailureReason(StrEnum):
-    INSUFFICIENT_FUNDS = "insufficient_funds"
-    ACCOUNT_NOT_FOUND = "account_not_found"
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from services.common.events import PoisonMessage, require_amount, require_uuid
+from services.common.events import FailureReason, PoisonMessage, require_amount, require_uuid
 from services.common.ids import uuid7
 from services.common.validation import MAX_AMOUNT
 
@@ -16,11 +16,6 @@ from services.common.validation import MAX_AMOUNT
 class PaymentStatus(StrEnum):
     PAID = "paid"
     FAILED = "failed"
-
-
-class FailureReason(StrEnum):
-    INSUFFICIENT_FUNDS = "insufficient_funds"
-    ACCOUNT_NOT_FOUND = "account_not_found"
 
 
 @dataclass(frozen=True)

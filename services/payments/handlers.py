@@ -15,13 +15,13 @@ from services.common.events import (
     TYPE_PAYMENT_REQUESTED,
     TYPE_PAYMENT_RESULT,
     Envelope,
+    FailureReason,
     PoisonMessage,
 )
 from services.common.inbox import ApplyHandler, Pending
 from services.payments import queries
 from services.payments.domain import (
     ChargeResult,
-    FailureReason,
     PaymentRequest,
     PaymentStatus,
     decide_charge,

@@ -9,11 +9,10 @@ from typing import Any
 
 import pytest
 
-from services.common.events import TYPE_PAYMENT_REQUESTED, PoisonMessage
+from services.common.events import TYPE_PAYMENT_REQUESTED, FailureReason, PoisonMessage
 from services.common.ids import uuid7
 from services.orders.domain import (
     Cursor,
-    FailureReason,
     InvalidCursor,
     Order,
     OrderState,

@@ -7,11 +7,10 @@ from typing import Any
 
 import pytest
 
-from services.common.events import PoisonMessage
+from services.common.events import FailureReason, PoisonMessage
 from services.common.validation import MAX_AMOUNT
 from services.payments.domain import (
     ChargeResult,
-    FailureReason,
     PaymentRequest,
     PaymentStatus,
     decide_charge,
