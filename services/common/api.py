@@ -140,8 +140,12 @@ def _convert_query(name: str, schema: Schema, text: str) -> Any | FieldError:
     return text
 
 
+# An optional body that was not sent, as opposed to one that was sent as JSON `null`.
+ABSENT: Any = object()
+
+
 async def _read_json(request: Request, required: bool) -> Any:
-    """The parsed JSON body, enforcing size, media type and syntax; `None` when absent."""
+    """The parsed JSON body, enforcing size, media type and syntax; `ABSENT` when not sent."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise problems.payload_too_large(MAX_BODY_BYTES)
@@ -156,7 +160,7 @@ async def _read_json(request: Request, required: bool) -> Any:
     if not raw.strip():
         if required:
             raise validation_error([FieldError("body", "is required")])
-        return None
+        return ABSENT
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type != "application/json" and not media_type.endswith("+json"):
         raise problems.unsupported_media_type(media_type)
@@ -200,8 +204,9 @@ def _route(endpoint: Endpoint) -> Route:
         body = None
         if endpoint.body is not None:
             body = await _read_json(request, endpoint.body_required)
-            # A required body that is JSON `null` is checked (and refused) like any other.
-            if body is not None or endpoint.body_required:
+            if body is ABSENT:
+                body = None
+            else:  # whatever was sent is checked, JSON `null` included
                 errors.extend(validation.check(endpoint.body, body))
         if errors:
             raise validation_error(errors)

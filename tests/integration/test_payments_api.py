@@ -537,3 +537,15 @@ def test_an_unreachable_database_is_503_with_retry_after() -> None:
 
     assert_problem(response, 503)
     assert response.headers["retry-after"]
+
+
+def test_an_optional_body_sent_as_json_null_is_422_and_opens_no_account(
+    payments_url: str, payments_db: psycopg.Connection[Any]
+) -> None:
+    with TestClient(create_app(Config(payments_database_url=payments_url))) as client:
+        answer = client.post(
+            "/accounts/create", content=b"null", headers={"content-type": "application/json"}
+        )
+    assert answer.status_code == 422
+    assert answer.headers["content-type"] == "application/problem+json"
+    assert payments_db.execute("SELECT count(*) FROM accounts").fetchone() == (0,)
