@@ -110,18 +110,3 @@ def purge(pool: ConnectionPool, config: Config) -> Purged:
         outbox_rows = conn.execute(outbox.PURGE, params).rowcount
         inbox_rows = conn.execute(inbox.PURGE, params).rowcount
     return Purged(outbox=outbox_rows, inbox=inbox_rows)
-
-
-def backlog(pool: ConnectionPool) -> dict[str, float]:
-    """Pending counts and oldest ages, for logs and metrics."""
-    with pool.connection() as conn:
-        outbox_count, outbox_age = conn.execute(outbox.BACKLOG).fetchone() or (0, 0)
-        inbox_count, inbox_age = conn.execute(inbox.BACKLOG).fetchone() or (0, 0)
-        (dead,) = conn.execute(inbox.DEAD_LETTER_COUNT).fetchone() or (0,)
-    return {
-        "outbox_pending": float(outbox_count),
-        "outbox_oldest_seconds": float(outbox_age),
-        "inbox_pending": float(inbox_count),
-        "inbox_oldest_seconds": float(inbox_age),
-        "dead_letters": float(dead),
-    }

@@ -159,7 +159,7 @@ async def _read_json(request: Request, required: bool) -> Any:
     raw = b"".join(chunks)
     if not raw.strip():
         if required:
-            raise validation_error([FieldError("body", "is required")])
+            raise problems.validation_failed([FieldError("body", "is required")])
         return ABSENT
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type != "application/json" and not media_type.endswith("+json"):
@@ -168,10 +168,6 @@ async def _read_json(request: Request, required: bool) -> Any:
         return json.loads(raw)
     except ValueError as exc:  # bad syntax, bad UTF-8, or an integer over 4300 digits
         raise problems.malformed_json(f"The body is not valid JSON: {exc}.") from exc
-
-
-def validation_error(errors: Sequence[FieldError]) -> Problem:
-    return problems.validation_failed(errors)
 
 
 def _route(endpoint: Endpoint) -> Route:
@@ -200,7 +196,7 @@ def _route(endpoint: Endpoint) -> Route:
             errors.extend(FieldError(name, e.message) for e in validation.check(schema, checked))
             query[name] = value
         if errors:
-            raise validation_error(errors)
+            raise problems.validation_failed(errors)
         body = None
         if endpoint.body is not None:
             body = await _read_json(request, endpoint.body_required)
@@ -209,7 +205,7 @@ def _route(endpoint: Endpoint) -> Route:
             else:  # whatever was sent is checked, JSON `null` included
                 errors.extend(validation.check(endpoint.body, body))
         if errors:
-            raise validation_error(errors)
+            raise problems.validation_failed(errors)
         return await endpoint.handler(Call(request=request, body=body, path=path, query=query))
 
     return Route(endpoint.path, serve, methods=[endpoint.method], name=endpoint.operation_id)
