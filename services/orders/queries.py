@@ -11,10 +11,12 @@ ORDER_COLUMNS: Final = "id, user_id, amount, description, status, reason, create
 # The order and the event asking for its payment, written by one statement: they commit
 # together or not at all, in one round trip. The outbox half is the shared `outbox.INSERT`,
 # verbatim, as a data-modifying WITH clause; params are `outbox.row(...)` plus the order's.
+# One clock reading for both timestamps: two column defaults could differ by a microsecond.
 CREATE_ORDER: Final = f"""
 WITH payment_requested AS ({outbox.INSERT})
-INSERT INTO orders (id, user_id, amount, description)
-VALUES (%(id)s, %(user_id)s, %(amount)s, %(description)s)
+INSERT INTO orders (id, user_id, amount, description, created_at, updated_at)
+SELECT %(id)s, %(user_id)s, %(amount)s, %(description)s, moment.t, moment.t
+FROM (SELECT clock_timestamp() AS t) AS moment
 RETURNING {ORDER_COLUMNS}
 """
 
