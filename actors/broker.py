@@ -13,12 +13,12 @@ from typing import Any
 
 import dramatiq
 from confluent_kafka import Producer
-from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import Middleware
 from prometheus_client import start_http_server
 from psycopg_pool import ConnectionPool
 
 from actors import pipeline
+from actors.doorbell import DoorbellRedisBroker
 from services.common import db, kafka
 from services.common.config import Config, load
 from services.common.inbox import ApplyHandler
@@ -26,7 +26,7 @@ from services.common.inbox import ApplyHandler
 log = logging.getLogger(__name__)
 
 config = load()
-broker = RedisBroker(  # type: ignore[no-untyped-call]
+broker = DoorbellRedisBroker(  # type: ignore[no-untyped-call]
     url=config.redis_url,
     socket_timeout=config.kafka_timeout,
     socket_connect_timeout=config.db_connect_timeout,
@@ -115,6 +115,25 @@ ACTOR_OPTIONS: dict[str, Any] = {
 }
 
 
+# A wake-up that is queued and not yet started makes another one redundant: the run it starts
+# reads every row committed before it. So a wake-up is sent only when no flag is set, and the
+# actor clears the flag when it starts. The flag expires on its own, so a lost message holds
+# back wake-ups for at most WAKE_FLAG_MS (and the sweeper runs anyway).
+WAKE_FLAG_MS = 1_000
+
+
+def wake_flag(actor_name: str) -> str:
+    return f"orders-payments:wake-queued:{actor_name}"
+
+
+def wake(actor: dramatiq.Actor[[], None]) -> bool:
+    """Send `actor` a wake-up unless one is already waiting; return whether one was sent."""
+    if not broker.client.set(wake_flag(actor.actor_name), b"1", nx=True, px=WAKE_FLAG_MS):
+        return False
+    actor.send()
+    return True
+
+
 @dataclass(frozen=True)
 class ServiceActors:
     """The three actors of one service, on that service's queue."""
@@ -129,8 +148,12 @@ def declare(service: str, make_handler: Callable[[Config], ApplyHandler]) -> Ser
     resources = Resources(service, make_handler)
     closer.resources.append(resources)
 
+    relay_name = f"relay_{service}_outbox"
+
     # Actors return nothing: Dramatiq warns about every returned value without a result backend.
     def relay_outbox() -> None:
+        # From here on, a new commit needs a new wake-up: this run may have read past it.
+        broker.client.delete(wake_flag(relay_name))
         pipeline.relay_outbox(resources.pool(), resources.producer(), config)
 
     def apply_inbox() -> None:
@@ -154,7 +177,7 @@ def declare(service: str, make_handler: Callable[[Config], ApplyHandler]) -> Ser
         return dramatiq.actor(actor_name=name, queue_name=service, **ACTOR_OPTIONS)(fn)
 
     return ServiceActors(
-        relay_outbox=actor(relay_outbox, f"relay_{service}_outbox"),
+        relay_outbox=actor(relay_outbox, relay_name),
         apply_inbox=actor(apply_inbox, f"apply_{service}_inbox"),
         sweep=actor(sweep, f"sweep_{service}"),
     )

@@ -1,8 +1,10 @@
-"""A service's Kafka consumer: copies incoming events into its inbox, then commits offsets.
+"""A service's Kafka consumer: records incoming events in its inbox and applies them in the same
+transaction, then commits offsets.
 
 Offsets are committed only after the database transaction that recorded the batch has
 committed, so a crash in between redelivers the batch and the inbox primary key drops the
-duplicates. Applying the events is the actors' job (the inbox trigger wakes them).
+duplicates. An event that fails is rolled back alone and retried with backoff by the sweeper
+(`apply_<service>_inbox`), then dead-lettered; the partition keeps flowing.
 Run it with `python -m actors.consumer orders|payments`."""
 
 from __future__ import annotations
@@ -11,22 +13,30 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import psycopg
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message
+from prometheus_client import start_http_server
 from psycopg_pool import ConnectionPool, PoolTimeout
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
-from services.common import db, inbox, kafka
+from actors import pipeline
+from services.common import db, kafka
 from services.common.config import Config, load
 from services.common.events import TOPIC_PAYMENT_REQUESTED, TOPIC_PAYMENT_RESULT, event_id_for
-from services.common.inbox import Received
+from services.common.inbox import ApplyHandler, ApplyReport, Received
+from services.orders.handlers import make_handler as orders_handler
+from services.payments.handlers import make_handler as payments_handler
 
 log = logging.getLogger("actors.consumer")
 
-# Which topic each service consumes.
+# Which topic each service consumes, and how it applies what it receives.
 SUBSCRIPTIONS = {"orders": TOPIC_PAYMENT_RESULT, "payments": TOPIC_PAYMENT_REQUESTED}
+HANDLERS: dict[str, Callable[[Config], ApplyHandler]] = {
+    "orders": orders_handler,
+    "payments": payments_handler,
+}
 BATCH = 500
 
 
@@ -44,21 +54,38 @@ def to_received(message: Message) -> Received:
     )
 
 
-def store(pool: ConnectionPool, messages: Sequence[Received], config: Config) -> None:
-    """Record a batch in the inbox, retrying a database outage for a bounded time."""
+def store(
+    pool: ConnectionPool, messages: Sequence[Received], handler: ApplyHandler, config: Config
+) -> ApplyReport:
+    """Record a batch in the inbox and apply it in one transaction, retrying a database outage
+    for a bounded time."""
     for attempt in Retrying(
         retry=retry_if_exception_type((psycopg.OperationalError, PoolTimeout)),
         wait=wait_exponential_jitter(multiplier=0.2, max=5),
         stop=stop_after_delay(config.db_statement_timeout * 12),
         reraise=True,
     ):
-        with attempt, pool.connection() as conn, conn.transaction():
-            inbox.record(conn, messages)
+        with attempt, pool.connection() as conn:
+            report = pipeline.record_and_apply(conn, messages, handler, config)
+    pipeline.observe(pool.name, report)
+    return report
+
+
+def serve_metrics(port: int, host: str) -> None:
+    """Serve this process's apply metrics; a busy port must not stop the work itself."""
+    if not port:
+        return
+    try:
+        start_http_server(port, addr=host)
+    except OSError as exc:
+        log.warning("consumer metrics not served on port %d: %s", port, exc)
 
 
 def run(service: str, config: Config, stopping: threading.Event) -> None:
     """Consume until `stopping` is set; commit each batch's offsets after its inbox commit."""
     kafka.ensure_topics(config)
+    handler = HANDLERS[service](config)
+    serve_metrics(config.consumer_metrics_port(service), config.bind_host)
     pool = db.sync_pool(config, service, f"{service}-consumer", size=2)
     consumer = Consumer(
         kafka.consumer_settings(config, f"{service}-service", f"{service}-consumer")
@@ -81,7 +108,7 @@ def run(service: str, config: Config, stopping: threading.Event) -> None:
                     log.warning("%s consumer: %s", service, error)
             if not batch:
                 continue
-            store(pool, batch, config)
+            store(pool, batch, handler, config)
             try:
                 consumer.commit(asynchronous=False)
             except KafkaException as exc:

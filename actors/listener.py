@@ -1,9 +1,10 @@
 """The listener: turns Postgres NOTIFY into Dramatiq wake-ups, and schedules the sweeper.
 
 One thread per database holds a dedicated autocommit connection with `LISTEN outbox_pending`
-and `LISTEN inbox_pending`. Notifications that arrive together are coalesced into one message
-per channel. After every (re)connect it sends one sweep, because notifications raised while it
-was away are gone. The main thread sends a sweep per service every `SWEEP_INTERVAL` seconds.
+(the inbox needs no wake-up: consumers apply what they record). Notifications that arrive
+together, or while a wake-up is still queued, are coalesced into one message. After every
+(re)connect it sends one sweep, because notifications raised while it was away are gone.
+The main thread sends a sweep per service every `SWEEP_INTERVAL` seconds.
 Run it with `python -m actors.listener`."""
 
 from __future__ import annotations
@@ -16,22 +17,20 @@ from collections.abc import Callable
 import psycopg
 from tenacity import Retrying, retry_if_exception_type, wait_exponential_jitter
 
-from actors import orders, payments
+from actors import broker, orders, payments
 from actors.broker import ServiceActors, config
 from services.common import db
 
 log = logging.getLogger("actors.listener")
 
 SERVICES: dict[str, ServiceActors] = {"orders": orders.actors, "payments": payments.actors}
-CHANNELS = ("outbox_pending", "inbox_pending")
+CHANNELS = ("outbox_pending",)
 
 
 def wake(actors: ServiceActors, channel: str) -> None:
-    """Send the actor message that handles a notification on `channel`."""
+    """Wake the actor that handles a notification on `channel` (unless a wake-up is queued)."""
     if channel == "outbox_pending":
-        actors.relay_outbox.send()
-    elif channel == "inbox_pending":
-        actors.apply_inbox.send()
+        broker.wake(actors.relay_outbox)
 
 
 def listen(service: str, actors: ServiceActors, stopping: threading.Event) -> None:

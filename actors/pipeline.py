@@ -6,11 +6,13 @@ Every function takes its pool and clients as arguments, so tests call them direc
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
 from confluent_kafka import Producer
 from prometheus_client import Counter, Histogram
+from psycopg import Connection
 from psycopg_pool import ConnectionPool
 
 from services.common import inbox, outbox
@@ -79,8 +81,18 @@ def relay_outbox(pool: ConnectionPool, producer: Producer, config: Config) -> in
             return published
 
 
+def observe(pool_name: str, report: inbox.ApplyReport) -> None:
+    """Count one apply batch in the process's metrics."""
+    if report.claimed:
+        APPLY_BATCH.labels(pool_name).observe(report.claimed)
+        APPLIED.labels(pool_name).inc(report.applied)
+        RETRIED.labels(pool_name).inc(report.retried)
+        DEAD.labels(pool_name).inc(report.dead)
+
+
 def apply_inbox(pool: ConnectionPool, handler: ApplyHandler, config: Config) -> int:
-    """Apply pending inbox rows, batch by batch, until a batch comes back short."""
+    """Apply pending inbox rows, batch by batch, until a batch comes back short: the sweeper's
+    way to retry failed events and to finish what a consumer left."""
     applied = 0
     while True:
         with pool.connection() as conn:
@@ -88,13 +100,29 @@ def apply_inbox(pool: ConnectionPool, handler: ApplyHandler, config: Config) -> 
                 conn, handler, limit=config.apply_batch_size, max_attempts=config.max_attempts
             )
         applied += report.applied
-        if report.claimed:
-            APPLY_BATCH.labels(pool.name).observe(report.claimed)
-            APPLIED.labels(pool.name).inc(report.applied)
-            RETRIED.labels(pool.name).inc(report.retried)
-            DEAD.labels(pool.name).inc(report.dead)
+        observe(pool.name, report)
         if report.claimed < config.apply_batch_size:
             return applied
+
+
+def record_and_apply(
+    conn: Connection[Any],
+    messages: Sequence[inbox.Received],
+    handler: ApplyHandler,
+    config: Config,
+) -> inbox.ApplyReport:
+    """The consumer's path: record a batch in the inbox and apply it in the same transaction,
+    so an event's inbox row, its effect and its outgoing outbox row commit together; a failing
+    event is rolled back alone and left for the sweeper to retry with backoff."""
+    with conn.transaction():
+        inbox.record(conn, messages)
+        report = inbox.apply_pending(
+            conn,
+            handler,
+            limit=max(len(messages), config.apply_batch_size),
+            max_attempts=config.max_attempts,
+        )
+    return report
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,6 @@ export GATEWAY_PORT=${GATEWAY_PORT:-8080}
 export ORDERS_PORT=${ORDERS_PORT:-8081}
 export PAYMENTS_PORT=${PAYMENTS_PORT:-8082}
 export DASHBOARD_PORT=${DASHBOARD_PORT:-8090}
-# Dramatiq's idle poll of Redis backs off up to this many ms: 1000 by default, which would add
-# up to a second per hop on an idle system.
-export dramatiq_worker_timeout=${dramatiq_worker_timeout:-10}
 CONF=$REPO/stack/supervisord.conf
 SUPERVISORCTL=("$VENV/bin/supervisorctl" -c "$CONF")
 

@@ -61,6 +61,13 @@ class Config:
     payments_worker_metrics_port: int = field(
         default_factory=lambda: _env_int("PAYMENTS_WORKER_METRICS_PORT", 9102)
     )
+    # ... and of the Kafka consumer processes (they apply what they receive).
+    orders_consumer_metrics_port: int = field(
+        default_factory=lambda: _env_int("ORDERS_CONSUMER_METRICS_PORT", 9103)
+    )
+    payments_consumer_metrics_port: int = field(
+        default_factory=lambda: _env_int("PAYMENTS_CONSUMER_METRICS_PORT", 9104)
+    )
     orders_url: str = field(
         default_factory=lambda: _env(
             "ORDERS_URL", f"http://127.0.0.1:{_env('ORDERS_PORT', '8081')}"
@@ -96,6 +103,13 @@ class Config:
         return {
             "orders": self.orders_worker_metrics_port,
             "payments": self.payments_worker_metrics_port,
+        }[service]
+
+    def consumer_metrics_port(self, service: str) -> int:
+        """Where the Kafka consumer process of `orders` or `payments` serves its metrics."""
+        return {
+            "orders": self.orders_consumer_metrics_port,
+            "payments": self.payments_consumer_metrics_port,
         }[service]
 
     def database_url(self, service: str) -> str:

@@ -164,6 +164,8 @@ def system() -> Iterator[System]:
             "DASHBOARD",
             "ORDERS_WORKER_METRICS",
             "PAYMENTS_WORKER_METRICS",
+            "ORDERS_CONSUMER_METRICS",
+            "PAYMENTS_CONSUMER_METRICS",
         )
     }
     services_dir = tempfile.mkdtemp(prefix="e2e-services-")

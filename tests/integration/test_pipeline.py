@@ -1,7 +1,7 @@
 """The pipeline's moving parts on real Postgres and Kafka: the relay publishes outbox rows in
 order and marks them only after Kafka acknowledged them; the consumer records messages in the
-inbox and commits offsets only after that commit; the NOTIFY trigger fires once per
-transaction; old rows are purged."""
+inbox, applies them in the same transaction and commits offsets only after that commit; the
+NOTIFY trigger fires once per transaction; old rows are purged."""
 
 from __future__ import annotations
 
@@ -19,7 +19,15 @@ from actors import consumer as consumer_process
 from actors import pipeline
 from services.common import db, inbox, kafka, outbox
 from services.common.config import Config
-from services.common.events import TOPIC_PAYMENT_REQUESTED, TOPIC_PAYMENT_RESULT, Envelope
+from services.common.events import (
+    TOPIC_PAYMENT_REQUESTED,
+    TOPIC_PAYMENT_RESULT,
+    Envelope,
+    encode,
+)
+from services.orders.domain import payment_requested
+from services.payments import queries as payments_queries
+from services.payments.domain import new_account
 
 
 @pytest.fixture
@@ -32,6 +40,8 @@ def config(orders_url: str, payments_url: str) -> Config:
         kafka_partitions=3,
         relay_batch_size=50,
         kafka_timeout=10,
+        orders_consumer_metrics_port=0,
+        payments_consumer_metrics_port=0,
     )
 
 
@@ -188,6 +198,57 @@ def test_consumer_records_messages_once_and_commits_offsets_after_the_inbox(
     recorded = {r[0] for r in rows}
     assert len(rows) == 31  # 30 events + the poison; the duplicate was dropped
     assert set(event_ids) <= recorded
+
+
+def test_the_consumer_applies_what_it_records_in_the_same_transaction(
+    config: Config, topics: None, payments_db: psycopg.Connection[Any]
+) -> None:
+    ids = new_account(None)
+    payments_db.execute(
+        payments_queries.CREATE_ACCOUNT, {"account_id": ids.account_id, "user_id": ids.user_id}
+    )
+    payments_db.execute(payments_queries.TOP_UP_USER, {"user_id": ids.user_id, "amount": 100})
+    topic = config.topic(TOPIC_PAYMENT_REQUESTED)
+    order_ids = [uuid.uuid4() for _ in range(3)]
+    producer = Producer(kafka.producer_settings(config, "test-producer"))
+    for order_id in order_ids:  # 60 + 30 are paid; the third (60) finds 10 left
+        amount = 30 if order_id == order_ids[1] else 60
+        envelope = payment_requested(order_id, ids.user_id, amount)
+        producer.produce(
+            topic,
+            key=str(ids.user_id),
+            value=encode(envelope.to_json()),
+            headers=[("event_id", str(envelope.event_id).encode())],
+        )
+    assert producer.flush(10) == 0
+
+    stopping = threading.Event()
+    worker = threading.Thread(target=consumer_process.run, args=("payments", config, stopping))
+    worker.start()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and committed_offsets(config, topic, 3) < 3:
+            time.sleep(0.3)
+    finally:
+        stopping.set()
+        worker.join(timeout=30)
+    assert committed_offsets(config, topic, 3) == 3
+    # Applied by the consumer itself: no actor ran here.
+    assert payments_db.execute(
+        "SELECT count(*) FROM inbox WHERE processed_at IS NOT NULL"
+    ).fetchone() == (3,)
+    assert payments_db.execute(
+        "SELECT balance FROM accounts WHERE user_id = %s", [ids.user_id]
+    ).fetchone() == (10,)
+    results = {
+        row[0]["payload"]["order_id"]: row[0]["payload"]["status"]
+        for row in payments_db.execute("SELECT payload FROM outbox").fetchall()
+    }
+    assert results == {
+        str(order_ids[0]): "paid",
+        str(order_ids[1]): "paid",
+        str(order_ids[2]): "failed",
+    }
 
 
 def test_inbox_record_of_a_known_event_id_is_a_no_op(payments_db: psycopg.Connection[Any]) -> None:

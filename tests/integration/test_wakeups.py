@@ -1,0 +1,110 @@
+"""Wake-ups on real Redis: an idle Dramatiq consumer waits on its queue's doorbell and an enqueue
+wakes it; doorbells stay short; a wake-up that is already queued makes another one redundant."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import dramatiq
+import pytest
+from dramatiq import Message
+from dramatiq.common import dq_name
+
+from actors import broker as actors_broker
+from actors.doorbell import MAX_TOKENS, DoorbellRedisBroker, doorbell
+
+# A database of its own: the e2e system uses 9, a running `just up` uses 0.
+REDIS_URL = f"redis://127.0.0.1:{os.environ.get('REDIS_PORT', '6379')}/10"
+
+
+@pytest.fixture
+def broker() -> Iterator[DoorbellRedisBroker]:
+    broker = DoorbellRedisBroker(url=REDIS_URL, socket_timeout=30)  # type: ignore[no-untyped-call]
+    broker.client.flushdb()
+    yield broker
+    broker.client.flushdb()
+    broker.close()
+
+
+def new_queue(broker: DoorbellRedisBroker) -> str:
+    queue = f"q{uuid.uuid4().hex[:8]}"
+    broker.declare_queue(queue)
+    return queue
+
+
+def message_for(queue: str) -> Message[None]:
+    return Message(queue_name=queue, actor_name="noop", args=(), kwargs={}, options={})
+
+
+def test_an_idle_consumer_waits_on_the_doorbell_until_an_enqueue_wakes_it(
+    broker: DoorbellRedisBroker,
+) -> None:
+    queue = new_queue(broker)
+    consumer = broker.consume(queue, prefetch=1, timeout=30_000)
+    sent = message_for(queue)
+    ring = threading.Timer(0.3, broker.enqueue, args=(sent,))
+    ring.start()
+    try:
+        started = time.monotonic()
+        assert next(consumer) is None  # the queue was empty: it waited on the doorbell...
+        waited = time.monotonic() - started
+        received = next(consumer)  # ...and, woken, fetches what rang it
+    finally:
+        ring.cancel()
+    # Woken by the enqueue, not by the end of its 30 s wait.
+    assert waited < 20
+    assert received is not None and received.message_id == sent.message_id
+    consumer.ack(received)
+    consumer.close()
+
+
+def test_a_consumer_with_no_doorbell_rung_waits_its_whole_timeout_and_fetches_nothing(
+    broker: DoorbellRedisBroker,
+) -> None:
+    consumer = broker.consume(new_queue(broker), prefetch=1, timeout=300)
+    started = time.monotonic()
+    assert next(consumer) is None
+    assert time.monotonic() - started >= 0.25  # it waited rather than polled
+    consumer.close()
+
+
+def test_a_doorbell_keeps_a_few_tokens_however_many_messages_are_queued(
+    broker: DoorbellRedisBroker,
+) -> None:
+    queue = new_queue(broker)
+    for _ in range(MAX_TOKENS * 3):
+        broker.enqueue(message_for(queue))
+    assert broker.client.llen(doorbell(queue)) == MAX_TOKENS
+    consumer = broker.consume(queue, prefetch=100, timeout=1_000)
+    fetched = [m for m in (next(consumer) for _ in range(MAX_TOKENS * 3)) if m is not None]
+    assert len(fetched) == MAX_TOKENS * 3  # the messages themselves are all there
+    consumer.close()
+
+
+def test_a_delayed_message_rings_its_delay_queue(broker: DoorbellRedisBroker) -> None:
+    queue = new_queue(broker)
+    broker.enqueue(message_for(queue), delay=60_000)
+    assert broker.client.llen(doorbell(dq_name(queue))) == 1
+    assert broker.client.llen(doorbell(queue)) == 0
+
+
+def test_a_wake_up_is_sent_only_when_none_is_queued() -> None:
+    queue = f"q{uuid.uuid4().hex[:8]}"
+    name = f"relay_{queue}"
+    actor = dramatiq.actor(actor_name=name, queue_name=queue)(lambda: None)
+    client = actors_broker.broker.client
+    try:
+        assert actors_broker.wake(actor) is True
+        assert actors_broker.wake(actor) is False  # the first is still queued
+        assert client.llen(f"dramatiq:{queue}") == 1
+        client.delete(actors_broker.wake_flag(name))  # what the actor does when it starts
+        assert actors_broker.wake(actor) is True
+        assert client.llen(f"dramatiq:{queue}") == 2
+        assert 0 < client.pttl(actors_broker.wake_flag(name)) <= actors_broker.WAKE_FLAG_MS
+    finally:
+        actors_broker.broker.flush(queue)
+        client.delete(actors_broker.wake_flag(name), doorbell(queue))
