@@ -29,7 +29,9 @@ def async_pool(config: Config, service: str, application_name: str) -> AsyncConn
         min_size=2,
         max_size=config.db_pool_size,
         timeout=config.db_connect_timeout,
-        kwargs=connection_kwargs(config, application_name),
+        # Every request handler runs single statements (an order and its outbox row are one
+        # INSERT … WITH): autocommit makes each one round trip instead of BEGIN, it, COMMIT.
+        kwargs=connection_kwargs(config, application_name) | {"autocommit": True},
         open=False,
         name=application_name,
         reconnect_timeout=30,
