@@ -1,0 +1,76 @@
+"""The services' connection pool on a real database: statements autocommit, and a connection
+that died while idle (a database restart) is replaced before a request gets it."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import psycopg
+import pytest
+
+from services.common import db
+from services.common.config import Config
+
+NAME = "test-db-pool"
+
+
+def kill_pool_connections(admin: psycopg.Connection[Any]) -> int:
+    rows = admin.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+        [NAME],
+    ).fetchall()
+    return len(rows)
+
+
+async def one_statement(pool: Any) -> Any:
+    async with pool.connection() as conn:
+        return await (await conn.execute("SELECT 1")).fetchone()
+
+
+def test_a_connection_killed_while_idle_is_replaced_before_a_request_uses_it(
+    orders_url: str, orders_db: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def scenario() -> tuple[int, Any]:
+        async with db.async_pool(Config(orders_database_url=orders_url), "orders", NAME) as pool:
+            await pool.wait()
+            assert await one_statement(pool) == (1,)
+            killed = kill_pool_connections(orders_db)
+            # Every connection now counts as idle long enough to be checked on checkout.
+            monkeypatch.setattr(db, "CHECK_AFTER_IDLE_SECONDS", 0.0)
+            return killed, await one_statement(pool)
+
+    killed, answer = asyncio.run(scenario())
+    assert killed >= 1
+    assert answer == (1,)
+
+
+def test_a_connection_used_a_moment_ago_is_not_checked_again(
+    orders_url: str, orders_db: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The other side of the trade-off: no round trip for a connection just returned, so one
+    # killed in between fails its request (the client sees 503) and the pool replaces it.
+    monkeypatch.setattr(db, "CHECK_AFTER_IDLE_SECONDS", 3600.0)
+
+    async def scenario() -> None:
+        async with db.async_pool(Config(orders_database_url=orders_url), "orders", NAME) as pool:
+            await pool.wait()
+            assert await one_statement(pool) == (1,)
+            kill_pool_connections(orders_db)
+            await one_statement(pool)
+
+    with pytest.raises(psycopg.OperationalError):
+        asyncio.run(scenario())
+
+
+def test_service_statements_autocommit(orders_url: str) -> None:
+    async def scenario() -> Any:
+        pool = db.async_pool(Config(orders_database_url=orders_url), "orders", NAME)
+        async with pool, pool.connection() as conn:
+            await conn.execute("CREATE TABLE pool_probe (n int)")
+            await conn.execute("INSERT INTO pool_probe VALUES (1)")
+            # Still inside the checkout, another session already sees the row.
+            with psycopg.connect(orders_url) as other:
+                return other.execute("SELECT count(*) FROM pool_probe").fetchone()
+
+    assert asyncio.run(scenario()) == (1,)
