@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Final
 
-import httpx
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 
@@ -36,14 +35,12 @@ def endpoints(proxy: Proxy, config: Config) -> list[Endpoint]:
     ]
 
 
-def create_app(
-    config: Config | None = None, *, transport: httpx.AsyncBaseTransport | None = None
-) -> Starlette:
-    """The gateway app; reads the environment when no `config` is given. `transport` replaces
-    the network (unit tests pass an `httpx.MockTransport`)."""
+def create_app(config: Config | None = None) -> Starlette:
+    """The gateway app; reads the environment when no `config` is given (unit tests point its
+    service URLs at fake services on local ports)."""
     config = config or load()
     registry = CollectorRegistry()
-    proxy = Proxy(config, registry, transport)
+    proxy = Proxy(config, registry)
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
