@@ -35,6 +35,11 @@ UPDATE inbox SET processed_at = clock_timestamp(), attempts = attempts + 1
 WHERE event_id = %(event_id)s
 """
 
+MARK_ALL_PROCESSED: Final = """
+UPDATE inbox SET processed_at = clock_timestamp(), attempts = attempts + 1
+WHERE event_id = ANY(%(event_ids)s)
+"""
+
 RECORD_FAILURE: Final = """
 UPDATE inbox
 SET attempts = attempts + 1,
@@ -142,35 +147,64 @@ def apply_pending(
 ) -> ApplyReport:
     """Apply one batch of pending inbox rows in one transaction and return what happened.
 
-    Each event runs in its own savepoint: a failing one is rolled back alone, its attempt
-    counted with backoff, or after `max_attempts` moved to `dead_letters`; the rest commit."""
-    applied = retried = dead = 0
+    The batch is first applied whole, under one savepoint, and marked processed with one
+    statement: the common case costs no per-event bookkeeping. If any event fails, that
+    savepoint is rolled back and the batch is applied again one savepoint per event: a failing
+    one is rolled back alone, its attempt counted with backoff, or after `max_attempts` moved
+    to `dead_letters`; the rest commit."""
     with conn.transaction():
         conn.execute(APPLY_LOCK)
-        rows = conn.execute(CLAIM, {"limit": limit}).fetchall()
-        for event_id, topic, key, payload, attempts in rows:
-            pending = Pending(event_id, topic, key, bytes(payload), attempts)
-            try:
-                with conn.transaction():
+        rows = [
+            Pending(event_id, topic, key, bytes(payload), attempts)
+            for event_id, topic, key, payload, attempts in conn.execute(
+                CLAIM, {"limit": limit}
+            ).fetchall()
+        ]
+        if not rows:
+            return ApplyReport()
+        try:
+            with conn.transaction():
+                for pending in rows:
                     handler(conn, pending)
-                    conn.execute(MARK_PROCESSED, {"event_id": event_id})
-                applied += 1
-            except psycopg.OperationalError:
-                raise  # the connection itself is gone: nothing here can be recorded
-            except Exception as exc:
-                error = describe_failure(exc)
-                log.warning("inbox event %s failed: %s", event_id, error)
-                if pending.attempts + 1 >= max_attempts:
-                    conn.execute(DEAD_LETTER, {"event_id": event_id, "reason": error})
-                    dead += 1
-                else:
-                    conn.execute(
-                        RECORD_FAILURE,
-                        {
-                            "event_id": event_id,
-                            "error": error,
-                            "backoff_seconds": backoff_seconds(pending.attempts),
-                        },
-                    )
-                    retried += 1
+                conn.execute(MARK_ALL_PROCESSED, {"event_ids": [p.event_id for p in rows]})
+            return ApplyReport(applied=len(rows))
+        except psycopg.OperationalError:
+            raise  # the connection itself is gone: nothing here can be recorded
+        except Exception as exc:  # some event failed: redo the batch event by event, below
+            log.debug("batch of %d rolled back (%s)", len(rows), describe_failure(exc))
+        return _apply_one_by_one(conn, handler, rows, max_attempts)
+
+
+def _apply_one_by_one(
+    conn: psycopg.Connection[Any],
+    handler: ApplyHandler,
+    rows: Iterable[Pending],
+    max_attempts: int,
+) -> ApplyReport:
+    applied = retried = dead = 0
+    for pending in rows:
+        event_id = pending.event_id
+        try:
+            with conn.transaction():
+                handler(conn, pending)
+                conn.execute(MARK_PROCESSED, {"event_id": event_id})
+            applied += 1
+        except psycopg.OperationalError:
+            raise
+        except Exception as exc:
+            error = describe_failure(exc)
+            log.warning("inbox event %s failed: %s", event_id, error)
+            if pending.attempts + 1 >= max_attempts:
+                conn.execute(DEAD_LETTER, {"event_id": event_id, "reason": error})
+                dead += 1
+            else:
+                conn.execute(
+                    RECORD_FAILURE,
+                    {
+                        "event_id": event_id,
+                        "error": error,
+                        "backoff_seconds": backoff_seconds(pending.attempts),
+                    },
+                )
+                retried += 1
     return ApplyReport(applied, retried, dead)

@@ -162,6 +162,23 @@ def test_an_order_within_the_balance_is_debited_and_answered_paid(
     assert results(payments_db) == [{"order_id": str(order_id), **PAID}]
 
 
+def test_a_batch_that_applies_cleanly_marks_every_event_processed_once(
+    payments_db: psycopg.Connection[Any], config: Config, handler: ApplyHandler
+) -> None:
+    user_id = open_account(payments_db, balance=100)
+    orders = [request_payment(payments_db, config, user_id, amount) for amount in (10, 20, 30)]
+
+    assert apply(payments_db, handler) == ApplyReport(applied=3)
+
+    assert [results_of(payments_db, order)[0]["status"] for order in orders] == ["paid"] * 3
+    marks = payments_db.execute(
+        "SELECT attempts, processed_at IS NOT NULL, last_error FROM inbox"
+    ).fetchall()
+    assert marks == [(1, True, None)] * 3
+    assert balance_of(payments_db, user_id) == 40
+    assert apply(payments_db, handler) == ApplyReport()
+
+
 def test_the_result_event_goes_to_the_result_topic_keyed_by_user(
     payments_db: psycopg.Connection[Any], config: Config, handler: ApplyHandler
 ) -> None:
@@ -412,7 +429,9 @@ def test_a_handler_failing_after_the_outbox_insert_leaves_no_trace_and_is_retrie
     report = apply(payments_db, crash_after_effects)
 
     assert report == ApplyReport(retried=1)
-    assert outbox_rows_before_crash == [1]  # the effects were written, then rolled back
+    # The effects were written, then rolled back: once in the whole-batch pass, once more when
+    # the batch was redone event by event.
+    assert outbox_rows_before_crash == [1, 1]
     assert count(payments_db, "outbox") == 0
     assert debits_of(payments_db, order_id) == []
     assert balance_of(payments_db, user_id) == 100
