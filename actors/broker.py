@@ -6,7 +6,9 @@ message delays work until the next sweep and never loses it."""
 from __future__ import annotations
 
 import logging
+import math
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +49,7 @@ class Resources:
         self._producer: Producer | None = None
         self._handler: ApplyHandler | None = None
         self._topics_ready = False
+        self._last_purge = -math.inf
 
     def pool(self) -> ConnectionPool:
         with self._lock:
@@ -68,6 +71,16 @@ class Resources:
             if self._handler is None:
                 self._handler = self._make_handler(config)
             return self._handler
+
+    def purge_due(self, interval: float) -> bool:
+        """Whether this process last purged old rows `interval` seconds ago or more (purging
+        scans the tables, so it runs far less often than the sweep)."""
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last_purge < interval:
+                return False
+            self._last_purge = now
+            return True
 
     def close(self) -> None:
         with self._lock:
@@ -162,7 +175,9 @@ def declare(service: str, make_handler: Callable[[Config], ApplyHandler]) -> Ser
     def sweep() -> None:
         relayed = pipeline.relay_outbox(resources.pool(), resources.producer(), config)
         applied = pipeline.apply_inbox(resources.pool(), resources.handler(), config)
-        purged = pipeline.purge(resources.pool(), config)
+        purged = pipeline.Purged(outbox=0, inbox=0)
+        if resources.purge_due(config.purge_interval):
+            purged = pipeline.purge(resources.pool(), config)
         if relayed or applied or purged.outbox or purged.inbox:
             log.info(
                 "%s sweep: relayed %d, applied %d, purged %d outbox / %d inbox rows",

@@ -92,6 +92,7 @@ class Config:
     apply_batch_size: int = field(default_factory=lambda: _env_int("APPLY_BATCH_SIZE", 500))
     max_attempts: int = field(default_factory=lambda: _env_int("INBOX_MAX_ATTEMPTS", 5))
     sweep_interval: float = field(default_factory=lambda: _env_float("SWEEP_INTERVAL", 2))
+    purge_interval: float = field(default_factory=lambda: _env_float("PURGE_INTERVAL", 60))
     retention_hours: float = field(default_factory=lambda: _env_float("RETENTION_HOURS", 24))
 
     def topic(self, name: str) -> str:

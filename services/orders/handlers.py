@@ -26,7 +26,21 @@ def make_handler(config: Config) -> ApplyHandler:
             raise PoisonMessage(f"Orders does not consume topic {pending.topic!r}")
         envelope = events.decode(pending.payload, TYPE_PAYMENT_RESULT)
         result = parse_payment_result(envelope.payload)
-        row = conn.execute(queries.LOCK_ORDER_STATUS, {"id": result.order_id}).fetchone()
+        # What the result makes of a new order; the compare-and-set moves only a new one, so
+        # the common case is this one statement.
+        settled = transition(OrderStatus.NEW, result)
+        if settled is not None:
+            changed = conn.execute(
+                queries.SETTLE_ORDER,
+                {
+                    "id": result.order_id,
+                    "status": settled.status.value,
+                    "reason": None if settled.reason is None else settled.reason.value,
+                },
+            ).rowcount
+            if changed:
+                return
+        row = conn.execute(queries.ORDER_STATUS, {"id": result.order_id}).fetchone()
         if row is None:
             # Orders publishes a payment request only after its order committed, so a result
             # for an order we do not have is never early: it is misrouted (another
@@ -34,25 +48,14 @@ def make_handler(config: Config) -> ApplyHandler:
             # Dropping it would hide either; failing it retries with backoff and then parks it
             # in dead_letters with this reason for an operator, while later events flow on.
             raise PoisonMessage(f"unknown order {result.order_id}")
-        settled = transition(OrderStatus(row[0]), result)
-        if settled is None:
-            # Duplicate, late or contradicting: the order is already settled. Returning
-            # normally lets the applier mark the event processed, so it is not retried.
-            log.info(
-                "order %s is already %s; ignoring result %s (%s)",
-                result.order_id,
-                row[0],
-                envelope.event_id,
-                result.status.value,
-            )
-            return
-        conn.execute(
-            queries.SETTLE_ORDER,
-            {
-                "id": result.order_id,
-                "status": settled.status.value,
-                "reason": None if settled.reason is None else settled.reason.value,
-            },
+        # Duplicate, late or contradicting: the order is already settled (settled orders never
+        # change again). Returning normally lets the applier mark the event processed.
+        log.info(
+            "order %s is already %s; ignoring result %s (%s)",
+            result.order_id,
+            row[0],
+            envelope.event_id,
+            result.status.value,
         )
 
     return apply_payment_result

@@ -49,8 +49,7 @@ def list_orders(*, by_user: bool, by_status: bool, after_cursor: bool) -> str:
     )
 
 
-# The applier holds this row lock while it decides, so two results for one order serialise.
-LOCK_ORDER_STATUS: Final = "SELECT status FROM orders WHERE id = %(id)s FOR UPDATE"
+ORDER_STATUS: Final = "SELECT status FROM orders WHERE id = %(id)s"
 
 # Compare-and-set: only a new order moves, whatever the caller believed its status to be.
 SETTLE_ORDER: Final = """
