@@ -37,7 +37,11 @@ RETRIED = Counter("retried_events", "Inbox rows that failed and will be retried"
 DEAD = Counter("dead_lettered_events", "Inbox rows moved to dead_letters", ["pool"])
 
 # One relay at a time per database keeps every key's events in outbox order on the topic.
-RELAY_LOCK: Final = "SELECT pg_advisory_xact_lock(hashtext('outbox_relay'))"
+# Marking rows published is bookkeeping that is safe to redo (a mark lost in a crash re-sends
+# rows the consumers drop as duplicates), so its commit does not wait for the WAL flush.
+RELAY_LOCK: Final = (
+    "SET LOCAL synchronous_commit = off; SELECT pg_advisory_xact_lock(hashtext('outbox_relay'))"
+)
 
 
 class RelayIncomplete(RuntimeError):

@@ -42,14 +42,17 @@ def async_pool(config: Config, service: str, application_name: str) -> AsyncConn
     )
 
 
-# After a database restart the pool still holds dead connections; checking one on checkout (an
+# After a database restart a pool still holds dead connections; checking one on checkout (an
 # empty round trip) spares the next request a 503. Under load that check was a tenth of the
 # Orders service's CPU, so only a connection that sat idle for a while is checked: one used a
-# moment ago is alive, or its failure is part of an outage the client sees as 503 anyway.
+# moment ago is alive, or its failure is part of an outage its caller retries (actors,
+# consumers) or answers 503 (services) anyway.
 CHECK_AFTER_IDLE_SECONDS = 1.0
-_returned_at: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], float] = (
-    weakref.WeakKeyDictionary()
-)
+_returned_at: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+
+
+def _idle_long(conn: Any) -> bool:
+    return time.monotonic() - _returned_at.get(conn, 0.0) >= CHECK_AFTER_IDLE_SECONDS
 
 
 async def mark_returned(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -57,8 +60,17 @@ async def mark_returned(conn: psycopg.AsyncConnection[Any]) -> None:
 
 
 async def check_if_idle(conn: psycopg.AsyncConnection[Any]) -> None:
-    if time.monotonic() - _returned_at.get(conn, 0.0) >= CHECK_AFTER_IDLE_SECONDS:
+    if _idle_long(conn):
         await AsyncConnectionPool.check_connection(conn)
+
+
+def mark_returned_sync(conn: psycopg.Connection[Any]) -> None:
+    _returned_at[conn] = time.monotonic()
+
+
+def check_if_idle_sync(conn: psycopg.Connection[Any]) -> None:
+    if _idle_long(conn):
+        ConnectionPool.check_connection(conn)
 
 
 def sync_pool(config: Config, service: str, application_name: str, size: int) -> ConnectionPool:
@@ -72,5 +84,6 @@ def sync_pool(config: Config, service: str, application_name: str, size: int) ->
         open=True,
         name=application_name,
         reconnect_timeout=30,
-        check=ConnectionPool.check_connection,
+        check=check_if_idle_sync,
+        reset=mark_returned_sync,
     )
