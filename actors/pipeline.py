@@ -79,6 +79,8 @@ def relay_outbox(pool: ConnectionPool, producer: Producer, config: Config) -> in
             if delivered:
                 conn.execute(outbox.MARK_PUBLISHED, {"ids": delivered})
         published += len(delivered)
+        RELAY_BATCH.labels(pool.name).observe(len(rows))
+        RELAYED.labels(pool.name).inc(len(delivered))
         if len(delivered) < len(rows):
             raise RelayIncomplete(f"{len(rows) - len(delivered)} of {len(rows)} not acknowledged")
         if len(rows) < config.relay_batch_size:

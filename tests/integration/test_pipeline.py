@@ -14,6 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
+from prometheus_client import REGISTRY
 
 from actors import consumer as consumer_process
 from actors import pipeline
@@ -94,13 +95,19 @@ def test_relay_publishes_every_row_once_keeps_key_order_and_marks_rows_published
 ) -> None:
     keys = [f"user-{i % 4}" for i in range(120)]  # more rows than one batch
     envelopes = add_outbox_rows(orders_db, config, keys)
-    pool = db.sync_pool(config, "orders", "test-relay", size=2)
+    pool_name = f"test-relay-{uuid.uuid4().hex[:8]}"
+    pool = db.sync_pool(config, "orders", pool_name, size=2)
     producer = Producer(kafka.producer_settings(config, "test-relay"))
     try:
         assert pipeline.relay_outbox(pool, producer, config) == 120
         assert pipeline.relay_outbox(pool, producer, config) == 0  # nothing left to send
     finally:
         pool.close()
+    # The worker's metrics saw three batches (50 + 50 + 20) and every row.
+    labels = {"pool": pool_name}
+    assert REGISTRY.get_sample_value("relayed_events_total", labels) == 120
+    assert REGISTRY.get_sample_value("relay_batch_size_count", labels) == 3
+    assert REGISTRY.get_sample_value("relay_batch_size_sum", labels) == 120
 
     pending = orders_db.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL").fetchone()
     assert pending == (0,)
