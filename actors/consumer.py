@@ -92,6 +92,7 @@ def run(service: str, config: Config, stopping: threading.Event) -> None:
     )
     consumer.subscribe([config.topic(SUBSCRIPTIONS[service])])
     log.info("%s consumer: subscribed to %s", service, config.topic(SUBSCRIPTIONS[service]))
+    committing = False
     try:
         while not stopping.is_set():
             # Block for the first message only, then take whatever else is already here:
@@ -109,13 +110,17 @@ def run(service: str, config: Config, stopping: threading.Event) -> None:
             if not batch:
                 continue
             store(pool, batch, handler, config)
-            try:
-                consumer.commit(asynchronous=False)
-            except KafkaException as exc:
-                # A rebalance took the partitions away mid-batch: their new owner gets the
-                # messages again and the inbox drops what we already recorded.
-                log.warning("%s consumer: offset commit failed: %s", service, exc)
+            # Only after the inbox commit; without waiting for Kafka's answer, which served no
+            # purpose: a commit that fails (a rebalance took the partitions away) means only
+            # that the batch is delivered again, and the inbox drops what it already holds.
+            consumer.commit(asynchronous=True)
+            committing = True
     finally:
+        if committing:
+            try:
+                consumer.commit(asynchronous=False)  # what is stored, before leaving
+            except KafkaException as exc:
+                log.warning("%s consumer: offset commit failed: %s", service, exc)
         consumer.close()  # leaves the group at once, so partitions move without waiting
         pool.close(timeout=5)
         log.info("%s consumer: stopped", service)

@@ -58,7 +58,14 @@ def consumer_settings(config: Config, group: str, client_id: str) -> dict[str, A
         # How long the broker may hold a fetch when there is nothing new: it answers as soon as
         # a message arrives, so this costs no latency, and idle consumers cost the broker little.
         "fetch.wait.max.ms": 100,
+        "on_commit": log_failed_commit,
     }
+
+
+def log_failed_commit(error: KafkaError | None, partitions: list[TopicPartition]) -> None:
+    """The answer to an asynchronous offset commit: a failure only means redelivery."""
+    if error is not None:
+        log.warning("offset commit failed (the messages will be delivered again): %s", error)
 
 
 def admin(config: Config) -> AdminClient:
