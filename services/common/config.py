@@ -87,6 +87,10 @@ class Config:
     http_timeout: float = field(default_factory=lambda: _env_float("HTTP_TIMEOUT", 5))
     kafka_timeout: float = field(default_factory=lambda: _env_float("KAFKA_TIMEOUT", 10))
 
+    # Requests the gateway forwards at once; more are refused with 503 at once (overload).
+    gateway_max_in_flight: int = field(
+        default_factory=lambda: _env_int("GATEWAY_MAX_IN_FLIGHT", 128)
+    )
     db_pool_size: int = field(default_factory=lambda: _env_int("DB_POOL_SIZE", 10))
     relay_batch_size: int = field(default_factory=lambda: _env_int("RELAY_BATCH_SIZE", 500))
     apply_batch_size: int = field(default_factory=lambda: _env_int("APPLY_BATCH_SIZE", 500))

@@ -155,6 +155,8 @@ class Proxy:
             total=HEALTH_TIMEOUT, sock_connect=min(CONNECT_TIMEOUT, HEALTH_TIMEOUT)
         )
         self._session: aiohttp.ClientSession | None = None
+        self._max_in_flight = config.gateway_max_in_flight
+        self._in_flight = 0
         self._attempts = Counter(
             "gateway_upstream_attempts_total",
             "Requests the gateway sent to the services, by outcome (status or error)",
@@ -200,6 +202,21 @@ class Proxy:
         return forward
 
     async def forward(self, service: str, base: str, call: Call) -> Response:
+        # Admission control: past this many requests in flight the services are saturated and
+        # one more would only wait (and make every other wait longer) until it timed out. It
+        # is refused at once instead, so overload costs clients a quick retry, not 5 seconds.
+        if self._in_flight >= self._max_in_flight:
+            self._attempts.labels(service, "shed").inc()
+            raise problems.service_unavailable(
+                "The system is at capacity and did not take this request; retry shortly."
+            )
+        self._in_flight += 1
+        try:
+            return await self._forward(service, base, call)
+        finally:
+            self._in_flight -= 1
+
+    async def _forward(self, service: str, base: str, call: Call) -> Response:
         method = call.request.method
         path = downstream_path(call)
         url = base + path  # yarl caches the parse; a prebuilt URL(encoded=True) was no faster

@@ -14,6 +14,7 @@ import json
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, closing
 from dataclasses import dataclass, replace
@@ -212,7 +213,9 @@ def gateway() -> Iterator[Gateway]:
     with ExitStack() as stack:
 
         def start(
-            orders: FakeService | str | None = None, payments: FakeService | str | None = None
+            orders: FakeService | str | None = None,
+            payments: FakeService | str | None = None,
+            max_in_flight: int = 128,
         ) -> TestClient:
             urls = []
             for service in (orders, payments):
@@ -220,7 +223,10 @@ def gateway() -> Iterator[Gateway]:
                     service = stack.enter_context(service or FakeService()).url
                 urls.append(service)
             config = Config(
-                orders_url=urls[0], payments_url=urls[1] + "/", http_timeout=HTTP_TIMEOUT
+                orders_url=urls[0],
+                payments_url=urls[1] + "/",
+                http_timeout=HTTP_TIMEOUT,
+                gateway_max_in_flight=max_in_flight,
             )
             return stack.enter_context(TestClient(create_app(config)))
 
@@ -490,6 +496,33 @@ def test_a_get_is_retried_when_the_connection_drops(gateway: Gateway) -> None:
 
     assert client.get("/orders").status_code == 200
     assert len(orders.received) == 2
+
+
+def test_past_the_in_flight_limit_a_request_is_refused_at_once_and_never_forwarded(
+    gateway: Gateway,
+) -> None:
+    orders = FakeService(status(201, {}, delay=0.3), status(201, {}))
+    client = gateway(orders, max_in_flight=1)
+    first: list[int] = []
+    holder = threading.Thread(
+        target=lambda: first.append(client.post("/orders/create", json=ORDER_BODY).status_code)
+    )
+    holder.start()
+    deadline = time.monotonic() + 5
+    while not orders.received and time.monotonic() < deadline:
+        time.sleep(0.01)  # until the first request is with the service
+
+    refused = client.post("/orders/create", json=ORDER_BODY)
+    holder.join(timeout=10)
+
+    assert refused.status_code == 503
+    assert refused.headers["retry-after"] == "1"
+    assert "capacity" in refused.json()["detail"]
+    assert first == [201]
+    assert len(orders.received) == 1  # the refused request never reached the service
+    assert upstream_attempts(client, "orders", "shed") == 1
+    # Once the first has answered, there is room again.
+    assert client.post("/orders/create", json=ORDER_BODY).status_code == 201
 
 
 def test_a_post_is_not_retried_after_a_timeout_because_it_may_have_been_applied(
