@@ -10,11 +10,13 @@ Run it with `python -m actors.listener`."""
 from __future__ import annotations
 
 import logging
+import select
 import signal
 import threading
 from collections.abc import Callable
 
 import psycopg
+from psycopg import pq
 from tenacity import Retrying, retry_if_exception_type, wait_exponential_jitter
 
 from actors import broker, orders, payments
@@ -60,13 +62,26 @@ def _listen(service: str, actors: ServiceActors, stopping: threading.Event) -> N
                 log.info("%s: listening on %s", service, ", ".join(CHANNELS))
                 actors.sweep.send()  # whatever was notified while we were away
                 while not stopping.is_set():
-                    channels = {n.channel for n in conn.notifies(timeout=0.5, stop_after=1)}
-                    if not channels:
-                        continue
-                    # Drain what else is already queued: one wake-up serves them all.
-                    channels |= {n.channel for n in conn.notifies(timeout=0.001)}
-                    for channel in channels:
+                    for channel in notified_channels(conn.pgconn, timeout=0.5):
                         wake(actors, channel)
+
+
+def notified_channels(pgconn: pq.abc.PGconn, timeout: float) -> set[str]:
+    """The channels of every notification that arrived on `pgconn`, waiting at most `timeout`
+    for the first: all that arrived together are served by one wake-up per channel.
+
+    libpq's own calls (select on the socket, PQconsumeInput, PQnotifies) rather than psycopg's
+    `Connection.notifies()`, whose generator machinery was most of the listener's CPU (py-spy).
+    A connection the server closed raises OperationalError (from `consume_input`, or reading
+    its socket) at the latest on the read after the server's goodbye; the caller reconnects."""
+    ready, _, _ = select.select([pgconn.socket], [], [], timeout)
+    if not ready:
+        return set()
+    pgconn.consume_input()
+    channels = set()
+    while (note := pgconn.notifies()) is not None:
+        channels.add(note.relname.decode())
+    return channels
 
 
 def schedule_sweeps(stopping: threading.Event, send: Callable[[], None]) -> None:

@@ -1,5 +1,6 @@
-"""Wake-ups on real Redis: an idle Dramatiq consumer waits on its queue's doorbell and an enqueue
-wakes it; doorbells stay short; a wake-up that is already queued makes another one redundant."""
+"""Wake-ups on real Redis and Postgres: the listener reads every notification that arrived
+together; an idle Dramatiq consumer waits on its queue's doorbell and an enqueue wakes it;
+doorbells stay short; a wake-up that is already queued makes another one redundant."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ import uuid
 from collections.abc import Iterator
 
 import dramatiq
+import psycopg
 import pytest
 from dramatiq import Message
 from dramatiq.common import dq_name
 
 from actors import broker as actors_broker
 from actors.doorbell import MAX_TOKENS, DoorbellRedisBroker, doorbell
+from actors.listener import notified_channels
 
 # A database of its own: the e2e system uses 9, a running `just up` uses 0.
 REDIS_URL = f"redis://127.0.0.1:{os.environ.get('REDIS_PORT', '6379')}/10"
@@ -108,3 +111,22 @@ def test_a_wake_up_is_sent_only_when_none_is_queued() -> None:
     finally:
         actors_broker.broker.flush(queue)
         client.delete(actors_broker.wake_flag(name), doorbell(queue))
+
+
+def test_the_listener_reads_every_notification_that_arrived_together(orders_url: str) -> None:
+    with (
+        psycopg.connect(orders_url, autocommit=True) as listening,
+        psycopg.connect(orders_url, autocommit=True) as other,
+    ):
+        listening.execute("LISTEN outbox_pending")
+        listening.execute("LISTEN elsewhere")
+        assert notified_channels(listening.pgconn, timeout=0.05) == set()
+        for channel in ("outbox_pending", "outbox_pending", "elsewhere"):
+            other.execute(f"NOTIFY {channel}")  # three transactions, three notifications
+        assert notified_channels(listening.pgconn, timeout=5) == {"outbox_pending", "elsewhere"}
+        assert notified_channels(listening.pgconn, timeout=0.05) == set()  # all were read
+
+        other.execute("SELECT pg_terminate_backend(%s)", [listening.info.backend_pid])
+        with pytest.raises(psycopg.OperationalError):  # the listener reconnects on this
+            for _ in range(3):  # the first read may only find the server's goodbye message
+                notified_channels(listening.pgconn, timeout=5)
