@@ -207,6 +207,56 @@ def test_consumer_records_messages_once_and_commits_offsets_after_the_inbox(
     assert set(event_ids) <= recorded
 
 
+def test_a_batch_the_consumer_could_not_store_is_never_committed(
+    config: Config,
+    topics: None,
+    payments_db: psycopg.Connection[Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    topic = config.topic(TOPIC_PAYMENT_REQUESTED)
+    producer = Producer(kafka.producer_settings(config, "test-producer"))
+    real_store = consumer_process.store
+    stored: list[int] = []
+
+    def later_batches_fail(*args: Any) -> Any:
+        if sum(stored) >= 5:
+            raise RuntimeError("the inbox commit failed")
+        stored.append(len(args[1]))
+        return real_store(*args)
+
+    monkeypatch.setattr(consumer_process, "store", later_batches_fail)
+    failed: list[BaseException] = []
+
+    def consume() -> None:
+        try:
+            consumer_process.run("payments", config, threading.Event())
+        except RuntimeError as exc:
+            failed.append(exc)
+
+    for index in range(5):
+        producer.produce(topic, key=f"k{index}", value=b"{}")
+    assert producer.flush(10) == 0
+    worker = threading.Thread(target=consume)
+    worker.start()
+    deadline = time.monotonic() + 30
+    while count_rows(payments_db, "inbox") < 5 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for index in range(5):  # more messages, which cannot be stored
+        producer.produce(topic, key=f"k{index}", value=b"{}")
+    assert producer.flush(10) == 0
+    worker.join(timeout=30)
+
+    assert sum(stored) == 5 and len(failed) == 1
+    # The stored messages' offsets may or may not be committed yet; the others' never are, so
+    # those five will be delivered again.
+    assert committed_offsets(config, topic, 3) <= 5
+
+
+def count_rows(conn: psycopg.Connection[Any], table: str) -> int:
+    row = conn.execute(f"SELECT count(*) FROM {table}").fetchone()
+    return int(row[0]) if row else 0
+
+
 def test_the_consumer_applies_what_it_records_in_the_same_transaction(
     config: Config, topics: None, payments_db: psycopg.Connection[Any]
 ) -> None:
