@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 
 import pytest
+from starlette.testclient import TestClient
 
 from actors.pipeline import to_outgoing
-from services.common import validation
+from services.common import api, validation
+from services.common.api import build_app
 from services.common.config import Config
 from services.common.events import PoisonMessage
 from services.common.ids import uuid7
@@ -91,3 +94,25 @@ def test_an_outbox_row_becomes_a_message_with_the_event_id_header() -> None:
     assert message.key == "user"
     assert ("event_id", str(event_id).encode()) in message.headers
     assert b'"type":"payment_result"' in message.value
+
+
+def access_lines(caplog: pytest.LogCaptureFixture) -> list[tuple[int, str]]:
+    return [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "access"]
+
+
+def test_access_lines_are_written_for_failed_requests_and_on_demand_for_every_one(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = TestClient(build_app(title="t", description="d", endpoints=[], readiness={}))
+    caplog.set_level(logging.INFO, logger="access")
+
+    assert client.get("/health").status_code == 200
+    assert client.get("/nowhere").status_code == 404
+    lines = access_lines(caplog)  # the 404 only: a routine success is not written
+    assert len(lines) == 1
+    assert lines[0][0] == logging.INFO and lines[0][1].startswith("GET /nowhere 404 ")
+
+    caplog.clear()
+    monkeypatch.setattr(api, "ROUTINE_ACCESS_LEVEL", logging.INFO)  # ACCESS_LOG=all
+    assert client.get("/health").status_code == 200
+    assert [line.startswith("GET /health 200 ") for _, line in access_lines(caplog)] == [True]
