@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Final
 
 import psycopg
+from psycopg.pq import TransactionStatus
 
 from services.common.events import PoisonMessage
 
@@ -152,7 +154,10 @@ def apply_pending(
     savepoint is rolled back and the batch is applied again one savepoint per event: a failing
     one is rolled back alone, its attempt counted with backoff, or after `max_attempts` moved
     to `dead_letters`; the rest commit."""
-    with conn.transaction():
+    # Inside a caller's transaction (the consumer's, which has just recorded the batch) a
+    # transaction block would only add a savepoint: two round trips that protect nothing.
+    in_transaction = conn.info.transaction_status == TransactionStatus.INTRANS
+    with nullcontext() if in_transaction else conn.transaction():
         conn.execute(APPLY_LOCK)
         rows = [
             Pending(event_id, topic, key, bytes(payload), attempts)
