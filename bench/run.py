@@ -62,8 +62,8 @@ class Settings:
     duration: float = 30.0
     warmup: float = 5.0
     warmup_rate: float = 20.0
-    ramp_start: float = 300.0
-    ramp_step: float = 100.0
+    ramp_start: float = 100.0
+    ramp_step: float = 50.0
     ramp_step_seconds: float = 10.0
     ramp_max: float = 3000.0
     ramp_patience: int = 2
