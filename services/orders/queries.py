@@ -52,7 +52,10 @@ def list_orders(*, by_user: bool, by_status: bool, after_cursor: bool) -> str:
 ORDER_STATUS: Final = "SELECT status FROM orders WHERE id = %(id)s"
 
 # Compare-and-set: only a new order moves, whatever the caller believed its status to be.
+# `(status = 'new') IS TRUE` rather than `status = 'new'`: with the latter the planner found the
+# row through orders_by_status, whose 'new' section is mostly dead entries under load (orders
+# stay new for milliseconds), and took 2-3 ms per update instead of 0.1 ms by primary key.
 SETTLE_ORDER: Final = """
 UPDATE orders SET status = %(status)s, reason = %(reason)s, updated_at = clock_timestamp()
-WHERE id = %(id)s AND status = 'new'
+WHERE id = %(id)s AND (status = 'new') IS TRUE
 """
