@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
-from starlette.routing import Mount, Route
+from starlette.routing import Match, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -414,10 +414,22 @@ def build_app(
         status = getattr(exc, "status_code", 500)
         titles = {404: "Not found", 405: "Method not allowed"}
         problem = Problem(status, titles.get(status, "HTTP error"), str(getattr(exc, "detail", "")))
-        headers = getattr(exc, "headers", None) or {}
+        headers = dict(getattr(exc, "headers", None) or {})
+        if status == 405:
+            # Starlette names the methods of the first route that matched the path only; a path
+            # served by several routes (GET and POST /orders) allows all of theirs.
+            headers["Allow"] = ", ".join(allowed_methods(request))
         return Problem(problem.status, problem.title, problem.detail, headers=headers).response(
             getattr(request.state, "request_id", None)
         )
+
+    def allowed_methods(request: Request) -> list[str]:
+        methods: set[str] = set()
+        for route in routes:
+            match, _ = route.matches(request.scope)
+            if match is not Match.NONE:
+                methods |= getattr(route, "methods", None) or set()
+        return sorted(methods)
 
     routes = [_route(ep) for ep in endpoints] + [
         Route("/health", health, methods=["GET"]),

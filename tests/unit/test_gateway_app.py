@@ -140,4 +140,7 @@ def test_an_unknown_route_is_a_404_problem_and_a_wrong_method_a_405() -> None:
     assert missing.status_code == 404
     assert missing.headers["content-type"] == "application/problem+json"
     assert wrong.status_code == 405
+    # /orders is served by two routes (list, create): both methods are allowed.
+    assert wrong.headers["allow"] == "GET, HEAD, POST"
+    assert wrong.headers["content-type"] == "application/problem+json"
     assert orders_service.received == []
