@@ -116,3 +116,18 @@ def test_access_lines_are_written_for_failed_requests_and_on_demand_for_every_on
     monkeypatch.setattr(api, "ROUTINE_ACCESS_LEVEL", logging.INFO)  # ACCESS_LOG=all
     assert client.get("/health").status_code == 200
     assert [line.startswith("GET /health 200 ") for _, line in access_lines(caplog)] == [True]
+
+
+def test_a_process_purges_at_most_once_per_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    from actors import broker
+
+    now = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    resources = broker.Resources("orders", lambda config: lambda conn, pending: None)
+
+    assert resources.purge_due(60) is True  # the first sweep purges
+    now[0] += 59
+    assert resources.purge_due(60) is False
+    now[0] += 1
+    assert resources.purge_due(60) is True
+    assert resources.purge_due(60) is False
