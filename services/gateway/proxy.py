@@ -76,6 +76,22 @@ class Answer:
     headers: Sequence[tuple[bytes, bytes]] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """One request to a service, as every attempt sends it."""
+
+    service: str
+    method: str
+    url: str
+    query: dict[str, str] | None
+    body: bytes | None
+    headers: dict[str, str]
+
+    def retry_answer(self, answer: Answer) -> bool:
+        """Whether `answer` is worth another try: a 502/503/504 to an idempotent request."""
+        return self.method in IDEMPOTENT_METHODS and answer.status in RETRYABLE_STATUSES
+
+
 class Unhealthy(Exception):
     """A service's health check answered, but not 200."""
 
@@ -235,13 +251,17 @@ class Proxy:
     async def _forward(self, service: str, base: str, call: Call) -> Response:
         method = call.request.method
         path = downstream_path(call)
-        url = base + path  # yarl caches the parse; a prebuilt URL(encoded=True) was no faster
-        query = downstream_query(call) or None
-        body = encode_body(call.body)
-        headers = downstream_headers(call)
+        upstream = Upstream(
+            service,
+            method,
+            base + path,  # yarl caches the parse; a prebuilt URL(encoded=True) was no faster
+            downstream_query(call) or None,
+            encode_body(call.body),
+            downstream_headers(call),
+        )
         started = time.perf_counter()
         try:
-            answer = await self._send(service, method, url, query, body, headers)
+            answer = await self._send(upstream)
         except TRANSPORT_ERRORS as exc:
             log.warning(
                 "%s %s -> %s failed: %s: %s (request_id=%s)",
@@ -267,55 +287,45 @@ class Proxy:
             )
         return passed_back(answer)
 
-    async def _send(
-        self,
-        service: str,
-        method: str,
-        url: str,
-        query: dict[str, str] | None,
-        body: bytes | None,
-        headers: dict[str, str],
-    ) -> Answer:
+    async def _send(self, upstream: Upstream) -> Answer:
         # Almost every request needs one attempt: it goes out directly, and tenacity's retry
         # machinery (built per request, a tenth of the gateway's CPU) comes in only after a
         # failure that may be retried, for the remaining attempts.
         try:
-            answer = await self._attempt(service, method, url, query, body, headers)
+            answer = await self._attempt(upstream)
         except Exception as error:
-            if not may_retry(method, error):
+            if not may_retry(upstream.method, error):
                 raise
         else:
-            if method not in IDEMPOTENT_METHODS or answer.status not in RETRYABLE_STATUSES:
+            if not upstream.retry_answer(answer):
                 return answer
         retrying = AsyncRetrying(
             stop=stop_after_attempt(ATTEMPTS - 1),
             wait=wait_random_exponential(multiplier=0.05, max=1.0),
-            retry=retry_if_exception(lambda error: may_retry(method, error)),
+            retry=retry_if_exception(lambda error: may_retry(upstream.method, error)),
             before=before_retry,
             reraise=True,
         )
         try:
             async for attempt in retrying:
                 with attempt:
-                    answer = await self._attempt(service, method, url, query, body, headers)
-                    if method in IDEMPOTENT_METHODS and answer.status in RETRYABLE_STATUSES:
+                    answer = await self._attempt(upstream)
+                    if upstream.retry_answer(answer):
                         raise RetryableAnswer(answer)
         except RetryableAnswer as last:
             return last.answer
         return answer
 
-    async def _attempt(
-        self,
-        service: str,
-        method: str,
-        url: str,
-        query: dict[str, str] | None,
-        body: bytes | None,
-        headers: dict[str, str],
-    ) -> Answer:
+    async def _attempt(self, upstream: Upstream) -> Answer:
+        service = upstream.service
         try:
             async with self.session.request(
-                method, url, params=query, data=body, headers=headers, allow_redirects=False
+                upstream.method,
+                upstream.url,
+                params=upstream.query,
+                data=upstream.body,
+                headers=upstream.headers,
+                allow_redirects=False,
             ) as response:
                 # Read in full inside the block: the connection goes back to the pool at once.
                 content = await response.read()
