@@ -169,6 +169,22 @@ def committed_offsets(config: Config, topic: str, partitions: int) -> int:
     return sum(max(tp.offset, 0) for tp in positions)
 
 
+def consume_until_committed(config: Config, topic: str, offsets: int) -> None:
+    """Run the payments consumer until `offsets` are committed on `topic` (or 30 s), then stop
+    it the way SIGTERM does."""
+    stopping = threading.Event()
+    worker = threading.Thread(target=consumer_process.run, args=("payments", config, stopping))
+    worker.start()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and committed_offsets(config, topic, 3) < offsets:
+            time.sleep(0.3)
+    finally:
+        stopping.set()
+        worker.join(timeout=30)
+    assert not worker.is_alive()
+
+
 def test_consumer_records_messages_once_and_commits_offsets_after_the_inbox(
     config: Config, topics: None, payments_db: psycopg.Connection[Any]
 ) -> None:
@@ -187,19 +203,8 @@ def test_consumer_records_messages_once_and_commits_offsets_after_the_inbox(
     producer.produce(topic, key="k1", value=b"not json")
     assert producer.flush(10) == 0
 
-    stopping = threading.Event()
-    worker = threading.Thread(target=consumer_process.run, args=("payments", config, stopping))
-    worker.start()
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if committed_offsets(config, topic, 3) == 32:
-                break
-            time.sleep(0.3)
-    finally:
-        stopping.set()
-        worker.join(timeout=30)
-    assert not worker.is_alive()
+    consume_until_committed(config, topic, 32)
+
     assert committed_offsets(config, topic, 3) == 32
     rows = payments_db.execute("SELECT event_id FROM inbox").fetchall()
     recorded = {r[0] for r in rows}
@@ -279,16 +284,8 @@ def test_the_consumer_applies_what_it_records_in_the_same_transaction(
         )
     assert producer.flush(10) == 0
 
-    stopping = threading.Event()
-    worker = threading.Thread(target=consumer_process.run, args=("payments", config, stopping))
-    worker.start()
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and committed_offsets(config, topic, 3) < 3:
-            time.sleep(0.3)
-    finally:
-        stopping.set()
-        worker.join(timeout=30)
+    consume_until_committed(config, topic, 3)
+
     assert committed_offsets(config, topic, 3) == 3
     # Applied by the consumer itself: no actor ran here.
     assert payments_db.execute(
