@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Final
 
 import psycopg
-from psycopg.pq import TransactionStatus
 
 from services.common.events import PoisonMessage
 
@@ -147,37 +145,46 @@ def apply_pending(
     limit: int,
     max_attempts: int,
 ) -> ApplyReport:
-    """Apply one batch of pending inbox rows in one transaction and return what happened.
+    """Apply one batch of pending inbox rows in a transaction of its own (`apply_batch`)."""
+    with conn.transaction():
+        return apply_batch(conn, handler, limit=limit, max_attempts=max_attempts)
+
+
+def apply_batch(
+    conn: psycopg.Connection[Any],
+    handler: ApplyHandler,
+    *,
+    limit: int,
+    max_attempts: int,
+) -> ApplyReport:
+    """Apply one batch of pending inbox rows inside the caller's transaction (the consumer's,
+    which has just recorded them) and return what happened.
 
     The batch is first applied whole, under one savepoint, and marked processed with one
     statement: the common case costs no per-event bookkeeping. If any event fails, that
     savepoint is rolled back and the batch is applied again one savepoint per event: a failing
     one is rolled back alone, its attempt counted with backoff, or after `max_attempts` moved
     to `dead_letters`; the rest commit."""
-    # Inside a caller's transaction (the consumer's, which has just recorded the batch) a
-    # transaction block would only add a savepoint: two round trips that protect nothing.
-    in_transaction = conn.info.transaction_status == TransactionStatus.INTRANS
-    with nullcontext() if in_transaction else conn.transaction():
-        conn.execute(APPLY_LOCK)
-        rows = [
-            Pending(event_id, topic, key, bytes(payload), attempts)
-            for event_id, topic, key, payload, attempts in conn.execute(
-                CLAIM, {"limit": limit}
-            ).fetchall()
-        ]
-        if not rows:
-            return ApplyReport()
-        try:
-            with conn.transaction():
-                for pending in rows:
-                    handler(conn, pending)
-                conn.execute(MARK_ALL_PROCESSED, {"event_ids": [p.event_id for p in rows]})
-            return ApplyReport(applied=len(rows))
-        except psycopg.OperationalError:
-            raise  # the connection itself is gone: nothing here can be recorded
-        except Exception as exc:  # some event failed: redo the batch event by event, below
-            log.debug("batch of %d rolled back (%s)", len(rows), describe_failure(exc))
-        return _apply_one_by_one(conn, handler, rows, max_attempts)
+    conn.execute(APPLY_LOCK)
+    rows = [
+        Pending(event_id, topic, key, bytes(payload), attempts)
+        for event_id, topic, key, payload, attempts in conn.execute(
+            CLAIM, {"limit": limit}
+        ).fetchall()
+    ]
+    if not rows:
+        return ApplyReport()
+    try:
+        with conn.transaction():
+            for pending in rows:
+                handler(conn, pending)
+            conn.execute(MARK_ALL_PROCESSED, {"event_ids": [p.event_id for p in rows]})
+        return ApplyReport(applied=len(rows))
+    except psycopg.OperationalError:
+        raise  # the connection itself is gone: nothing here can be recorded
+    except Exception as exc:  # some event failed: redo the batch event by event, below
+        log.debug("batch of %d rolled back (%s)", len(rows), describe_failure(exc))
+    return _apply_one_by_one(conn, handler, rows, max_attempts)
 
 
 def _apply_one_by_one(
