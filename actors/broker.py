@@ -16,7 +16,6 @@ from typing import Any
 import dramatiq
 from confluent_kafka import Producer
 from dramatiq.middleware import Middleware
-from prometheus_client import start_http_server
 from psycopg_pool import ConnectionPool
 
 from actors import pipeline
@@ -104,11 +103,7 @@ class CloseResources(Middleware):
     def after_process_boot(self, broker: Any) -> None:
         services = {r.service for r in self.resources}
         port = config.worker_metrics_port(services.pop()) if len(services) == 1 else 0
-        if port:
-            try:
-                start_http_server(port, addr=config.bind_host)
-            except OSError as exc:  # a busy port must not stop the work itself
-                log.warning("worker metrics not served on port %d: %s", port, exc)
+        pipeline.serve_metrics(port, config.bind_host, "worker")
 
     def after_worker_shutdown(self, broker: Any, worker: Any) -> None:
         for resources in self.resources:
@@ -162,11 +157,12 @@ def declare(service: str, make_handler: Callable[[Config], ApplyHandler]) -> Ser
     closer.resources.append(resources)
 
     relay_name = f"relay_{service}_outbox"
+    relay_flag = wake_flag(relay_name)
 
     # Actors return nothing: Dramatiq warns about every returned value without a result backend.
     def relay_outbox() -> None:
         # From here on, a new commit needs a new wake-up: this run may have read past it.
-        broker.client.delete(wake_flag(relay_name))
+        broker.client.delete(relay_flag)
         pipeline.relay_outbox(resources.pool(), resources.producer(), config)
 
     def apply_inbox() -> None:

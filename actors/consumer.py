@@ -18,7 +18,6 @@ from collections.abc import Callable, Sequence
 
 import psycopg
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message
-from prometheus_client import start_http_server
 from psycopg_pool import ConnectionPool, PoolTimeout
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
@@ -73,21 +72,11 @@ def store(
     return report
 
 
-def serve_metrics(port: int, host: str) -> None:
-    """Serve this process's apply metrics; a busy port must not stop the work itself."""
-    if not port:
-        return
-    try:
-        start_http_server(port, addr=host)
-    except OSError as exc:
-        log.warning("consumer metrics not served on port %d: %s", port, exc)
-
-
 def run(service: str, config: Config, stopping: threading.Event) -> None:
     """Consume until `stopping` is set; commit each batch's offsets after its inbox commit."""
     kafka.ensure_topics(config)
     handler = HANDLERS[service](config)
-    serve_metrics(config.consumer_metrics_port(service), config.bind_host)
+    pipeline.serve_metrics(config.consumer_metrics_port(service), config.bind_host, "consumer")
     pool = db.sync_pool(config, service, f"{service}-consumer", size=2)
     consumer = Consumer(
         kafka.consumer_settings(config, f"{service}-service", f"{service}-consumer")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from confluent_kafka import Producer
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Histogram, start_http_server
 from psycopg import Connection
 from psycopg_pool import ConnectionPool
 
@@ -42,6 +42,17 @@ DEAD = Counter("dead_lettered_events", "Inbox rows moved to dead_letters", ["poo
 RELAY_LOCK: Final = (
     "SET LOCAL synchronous_commit = off; SELECT pg_advisory_xact_lock(hashtext('outbox_relay'))"
 )
+
+
+def serve_metrics(port: int, host: str, process: str) -> None:
+    """Serve this process's metrics on `port` (0: not at all); a busy port must not stop the
+    work itself."""
+    if not port:
+        return
+    try:
+        start_http_server(port, addr=host)
+    except OSError as exc:
+        log.warning("%s metrics not served on port %d: %s", process, port, exc)
 
 
 class RelayIncomplete(RuntimeError):
@@ -122,13 +133,12 @@ def record_and_apply(
     event is rolled back alone and left for the sweeper to retry with backoff."""
     with conn.transaction():
         inbox.record(conn, messages)
-        report = inbox.apply_pending(
+        return inbox.apply_batch(
             conn,
             handler,
             limit=max(len(messages), config.apply_batch_size),
             max_attempts=config.max_attempts,
         )
-    return report
 
 
 @dataclass(frozen=True)
