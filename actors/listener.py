@@ -26,13 +26,7 @@ from services.common import db
 log = logging.getLogger("actors.listener")
 
 SERVICES: dict[str, ServiceActors] = {"orders": orders.actors, "payments": payments.actors}
-CHANNELS = ("outbox_pending",)
-
-
-def wake(actors: ServiceActors, channel: str) -> None:
-    """Wake the actor that handles a notification on `channel` (unless a wake-up is queued)."""
-    if channel == "outbox_pending":
-        broker.wake(actors.relay_outbox)
+CHANNEL = "outbox_pending"
 
 
 def listen(service: str, actors: ServiceActors, stopping: threading.Event) -> None:
@@ -57,13 +51,14 @@ def _listen(service: str, actors: ServiceActors, stopping: threading.Event) -> N
             if stopping.is_set():
                 return
             with psycopg.connect(config.database_url(service), autocommit=True, **kwargs) as conn:
-                for channel in CHANNELS:
-                    conn.execute(f"LISTEN {channel}")
-                log.info("%s: listening on %s", service, ", ".join(CHANNELS))
+                conn.execute(f"LISTEN {CHANNEL}")
+                log.info("%s: listening on %s", service, CHANNEL)
                 actors.sweep.send()  # whatever was notified while we were away
                 while not stopping.is_set():
-                    for channel in notified_channels(conn.pgconn, timeout=0.5):
-                        wake(actors, channel)
+                    if notified_channels(conn.pgconn, timeout=0.5):
+                        # One wake-up serves every commit notified so far (and none is sent
+                        # while one is still queued).
+                        broker.wake(actors.relay_outbox)
 
 
 def notified_channels(pgconn: pq.abc.PGconn, timeout: float) -> set[str]:
