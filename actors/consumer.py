@@ -1,5 +1,6 @@
 """A service's Kafka consumer: records incoming events in its inbox and applies them in the same
-transaction, then commits offsets.
+transaction, then commits offsets. Under load it takes a batch at most once per `BATCH_INTERVAL`
+(`pipeline.Pacer`), so one transaction serves many events.
 
 Offsets are committed only after the database transaction that recorded the batch has
 committed, so a crash in between redelivers the batch and the inbox primary key drops the
@@ -83,6 +84,7 @@ def run(service: str, config: Config, stopping: threading.Event) -> None:
     )
     consumer.subscribe([config.topic(SUBSCRIPTIONS[service])])
     log.info("%s consumer: subscribed to %s", service, config.topic(SUBSCRIPTIONS[service]))
+    pacer = pipeline.Pacer(config.batch_interval)
     uncommitted = False
     last_commit = time.monotonic()
     try:
@@ -91,7 +93,9 @@ def run(service: str, config: Config, stopping: threading.Event) -> None:
             # consume(n, timeout) alone would wait for n messages or the whole timeout.
             messages = consumer.consume(num_messages=1, timeout=0.5)
             if messages:
-                messages += consumer.consume(num_messages=BATCH - 1, timeout=0)
+                # Under load, wait out the pacer's interval: what arrives meanwhile joins.
+                messages += consumer.consume(num_messages=BATCH - 1, timeout=pacer.remaining())
+                pacer.started()
             batch = []
             for message in messages:
                 error = message.error()

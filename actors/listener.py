@@ -2,7 +2,8 @@
 
 One thread per database holds a dedicated autocommit connection with `LISTEN outbox_pending`
 (the inbox needs no wake-up: consumers apply what they record). Notifications that arrive
-together, or while a wake-up is still queued, are coalesced into one message. After every
+together, or while a wake-up is still queued, are coalesced into one message, and a relay is
+woken at most once per `BATCH_INTERVAL` (`pipeline.Pacer`). After every
 (re)connect it sends one sweep, because notifications raised while it was away are gone.
 The main thread sends a sweep per service every `SWEEP_INTERVAL` seconds.
 Run it with `python -m actors.listener`."""
@@ -19,7 +20,7 @@ import psycopg
 from psycopg import pq
 from tenacity import Retrying, retry_if_exception_type, wait_exponential_jitter
 
-from actors import broker, orders, payments
+from actors import broker, orders, payments, pipeline
 from actors.broker import ServiceActors, config
 from services.common import db
 
@@ -27,6 +28,8 @@ log = logging.getLogger("actors.listener")
 
 SERVICES: dict[str, ServiceActors] = {"orders": orders.actors, "payments": payments.actors}
 CHANNEL = "outbox_pending"
+# Seconds a listener thread waits for a notification before it checks whether to stop.
+IDLE_WAIT = 0.5
 
 
 def listen(service: str, actors: ServiceActors, stopping: threading.Event) -> None:
@@ -54,11 +57,31 @@ def _listen(service: str, actors: ServiceActors, stopping: threading.Event) -> N
                 conn.execute(f"LISTEN {CHANNEL}")
                 log.info("%s: listening on %s", service, CHANNEL)
                 actors.sweep.send()  # whatever was notified while we were away
-                while not stopping.is_set():
-                    if notified_channels(conn.pgconn, timeout=0.5):
-                        # One wake-up serves every commit notified so far (and none is sent
-                        # while one is still queued).
-                        broker.wake(actors.relay_outbox)
+                wake_relay(
+                    conn.pgconn,
+                    lambda: broker.wake(actors.relay_outbox),
+                    pipeline.Pacer(config.batch_interval),
+                    stopping,
+                )
+
+
+def wake_relay(
+    pgconn: pq.abc.PGconn,
+    wake: Callable[[], object],
+    pacer: pipeline.Pacer,
+    stopping: threading.Event,
+) -> None:
+    """Call `wake` for the commits notified on `pgconn` until `stopping`: one wake-up serves
+    every commit notified before it (and `broker.wake` sends none while one is still queued).
+    The pacer allows one per interval; notifications within it are served together at its end."""
+    pending = False
+    while not stopping.is_set():
+        wait = pacer.remaining() if pending else IDLE_WAIT
+        pending = bool(notified_channels(pgconn, timeout=wait)) or pending
+        if pending and not pacer.remaining():
+            pacer.started()
+            pending = False
+            wake()
 
 
 def notified_channels(pgconn: pq.abc.PGconn, timeout: float) -> set[str]:

@@ -6,7 +6,9 @@ Every function takes its pool and clients as arguments, so tests call them direc
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import math
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -53,6 +55,27 @@ def serve_metrics(port: int, host: str, process: str) -> None:
         start_http_server(port, addr=host)
     except OSError as exc:
         log.warning("%s metrics not served on port %d: %s", process, port, exc)
+
+
+class Pacer:
+    """At most one batch per `interval`: work that finds the last batch an interval old starts
+    at once; work that follows sooner waits for the rest of the interval, and everything that
+    arrived meanwhile goes together. Under load a relay run or an inbox transaction then takes
+    a batch instead of an event or two, for a fraction of the Redis, Postgres and Kafka round
+    trips per event; an idle system is as quick as without it."""
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self.clock = clock
+        self.last = -math.inf
+
+    def remaining(self) -> float:
+        """Seconds until the next batch may start (0: now)."""
+        return max(0.0, self.last + self.interval - self.clock())
+
+    def started(self) -> None:
+        """A batch starts now."""
+        self.last = self.clock()
 
 
 class RelayIncomplete(RuntimeError):

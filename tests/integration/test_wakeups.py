@@ -17,7 +17,8 @@ from dramatiq.common import dq_name
 
 from actors import broker as actors_broker
 from actors.doorbell import MAX_TOKENS, DoorbellRedisBroker, doorbell
-from actors.listener import notified_channels
+from actors.listener import notified_channels, wake_relay
+from actors.pipeline import Pacer
 
 # A database of its own: the e2e system uses 9, a running `just up` uses 0.
 REDIS_URL = f"redis://127.0.0.1:{os.environ.get('REDIS_PORT', '6379')}/10"
@@ -129,3 +130,40 @@ def test_the_listener_reads_every_notification_that_arrived_together(orders_url:
         with pytest.raises(psycopg.OperationalError):  # the listener reconnects on this
             for _ in range(3):  # the first read may only find the server's goodbye message
                 notified_channels(listening.pgconn, timeout=5)
+
+
+def test_the_listener_wakes_at_once_then_at_most_once_per_interval_for_what_follows(
+    orders_url: str,
+) -> None:
+    interval = 1.0  # far longer than sending a few notifications takes
+    wakes: list[int] = []  # how many notifications had been sent at each wake-up
+    sent = [0]
+    stopping = threading.Event()
+    with (
+        psycopg.connect(orders_url, autocommit=True) as listening,
+        psycopg.connect(orders_url, autocommit=True) as other,
+    ):
+        listening.execute("LISTEN outbox_pending")
+        woken = threading.Event()
+
+        def wake() -> None:
+            wakes.append(sent[0])
+            woken.set()
+
+        thread = threading.Thread(
+            target=wake_relay, args=(listening.pgconn, wake, Pacer(interval), stopping)
+        )
+        thread.start()
+        try:
+            sent[0] = 1
+            other.execute("NOTIFY outbox_pending")
+            assert woken.wait(10)  # the first notification after a quiet spell: woken at once
+            woken.clear()
+            for _ in range(4):  # within the interval: held back, then served together
+                sent[0] += 1
+                other.execute("NOTIFY outbox_pending")
+            assert woken.wait(10)
+        finally:
+            stopping.set()
+            thread.join(10)
+    assert wakes == [1, 5]  # two wake-ups for five commits; the second after the last of them

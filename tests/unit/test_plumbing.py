@@ -9,7 +9,7 @@ import uuid
 import pytest
 from starlette.testclient import TestClient
 
-from actors.pipeline import to_outgoing
+from actors.pipeline import Pacer, to_outgoing
 from services.common import api, validation
 from services.common.api import build_app
 from services.common.config import Config
@@ -131,3 +131,19 @@ def test_a_process_purges_at_most_once_per_interval(monkeypatch: pytest.MonkeyPa
     now[0] += 1
     assert resources.purge_due(60) is True
     assert resources.purge_due(60) is False
+
+
+def test_a_pacer_lets_the_first_batch_start_at_once_and_spaces_the_next_by_its_interval() -> None:
+    now = [100.0]
+    pacer = Pacer(0.02, clock=lambda: now[0])
+    assert pacer.remaining() == 0  # nothing ran yet: an idle system is served at once
+    pacer.started()
+    now[0] += 0.005
+    assert pacer.remaining() == pytest.approx(0.015)  # the next batch waits out the interval
+    now[0] += 0.015
+    assert pacer.remaining() == 0
+    now[0] += 3
+    assert pacer.remaining() == 0  # a quiet spell never builds up a debt or a credit
+    pacer.started()
+    assert pacer.remaining() == pytest.approx(0.02)
+    assert Pacer(0, clock=lambda: now[0]).remaining() == 0  # 0: no pacing
