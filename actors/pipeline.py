@@ -155,13 +155,9 @@ def record_and_apply(
     so an event's inbox row, its effect and its outgoing outbox row commit together; a failing
     event is rolled back alone and left for the sweeper to retry with backoff."""
     with conn.transaction():
-        inbox.record(conn, messages)
-        return inbox.apply_batch(
-            conn,
-            handler,
-            limit=max(len(messages), config.apply_batch_size),
-            max_attempts=config.max_attempts,
-        )
+        conn.execute(inbox.APPLY_LOCK)
+        rows = inbox.record_processed(conn, messages)
+        return inbox.apply_recorded(conn, handler, rows, max_attempts=config.max_attempts)
 
 
 @dataclass(frozen=True)

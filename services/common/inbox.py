@@ -4,7 +4,7 @@ no-op), to claim pending ones in arrival order, to record success, failure and d
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -18,6 +18,27 @@ INSERT: Final = """
 INSERT INTO inbox (event_id, topic, key, kafka_partition, kafka_offset, payload)
 VALUES (%s, %s, %s, %s, %s, %s)
 ON CONFLICT (event_id) DO NOTHING
+"""
+
+# The consumer's way in: it applies what it records in the same transaction, so rows go in
+# already marked processed (a row lock and an UPDATE per event less). A duplicate `event_id`
+# is skipped and not returned; `seq` gives back the arrival order.
+INSERT_PROCESSED: Final = """
+INSERT INTO inbox (event_id, topic, key, kafka_partition, kafka_offset, payload, processed_at,
+                   attempts)
+SELECT event_id, topic, key, kafka_partition, kafka_offset, payload, clock_timestamp(), 1
+FROM unnest(%(event_ids)s::uuid[], %(topics)s::text[], %(keys)s::text[], %(partitions)s::int[],
+            %(offsets)s::bigint[], %(payloads)s::bytea[])
+     WITH ORDINALITY AS m (event_id, topic, key, kafka_partition, kafka_offset, payload, n)
+ORDER BY n
+ON CONFLICT (event_id) DO NOTHING
+RETURNING seq, event_id, topic, key, payload
+"""
+
+# Some event of a batch recorded as processed failed: the batch is pending again, to be applied
+# event by event.
+UNMARK_ALL: Final = """
+UPDATE inbox SET processed_at = NULL, attempts = 0 WHERE event_id = ANY(%(event_ids)s)
 """
 
 # Arrival order keeps one user's events in the order Kafka delivered them.
@@ -121,6 +142,27 @@ def record(conn: psycopg.Connection[Any], messages: Iterable[Received]) -> None:
         )
 
 
+def record_processed(conn: psycopg.Connection[Any], messages: Sequence[Received]) -> list[Pending]:
+    """Insert received messages already marked processed, for the caller to apply in the same
+    transaction (`apply_recorded`); return the new ones in arrival order (duplicates of an
+    `event_id` already there are skipped)."""
+    rows = conn.execute(
+        INSERT_PROCESSED,
+        {
+            "event_ids": [m.event_id for m in messages],
+            "topics": [m.topic for m in messages],
+            "keys": [m.key for m in messages],
+            "partitions": [m.partition for m in messages],
+            "offsets": [m.offset for m in messages],
+            "payloads": [m.payload for m in messages],
+        },
+    ).fetchall()
+    return [
+        Pending(event_id, topic, key, bytes(payload), attempts=0)
+        for _seq, event_id, topic, key, payload in sorted(rows, key=lambda row: row[0])
+    ]
+
+
 def describe_failure(exc: Exception) -> str:
     """The reason stored with a failed attempt (and with its dead letter)."""
     prefix = "poison" if isinstance(exc, PoisonMessage) else type(exc).__name__
@@ -172,18 +214,46 @@ def apply_batch(
             CLAIM, {"limit": limit}
         ).fetchall()
     ]
+    return _apply_rows(conn, handler, rows, max_attempts, marked=False)
+
+
+def apply_recorded(
+    conn: psycopg.Connection[Any],
+    handler: ApplyHandler,
+    rows: Sequence[Pending],
+    *,
+    max_attempts: int,
+) -> ApplyReport:
+    """Apply rows `record_processed` has just inserted, inside the caller's transaction (which
+    holds `APPLY_LOCK`), as `apply_batch` does: whole if every event succeeds, else event by
+    event after un-marking them."""
+    return _apply_rows(conn, handler, rows, max_attempts, marked=True)
+
+
+def _apply_rows(
+    conn: psycopg.Connection[Any],
+    handler: ApplyHandler,
+    rows: Sequence[Pending],
+    max_attempts: int,
+    *,
+    marked: bool,
+) -> ApplyReport:
     if not rows:
         return ApplyReport()
+    event_ids = [p.event_id for p in rows]
     try:
         with conn.transaction():
             for pending in rows:
                 handler(conn, pending)
-            conn.execute(MARK_ALL_PROCESSED, {"event_ids": [p.event_id for p in rows]})
+            if not marked:
+                conn.execute(MARK_ALL_PROCESSED, {"event_ids": event_ids})
         return ApplyReport(applied=len(rows))
     except psycopg.OperationalError:
         raise  # the connection itself is gone: nothing here can be recorded
     except Exception as exc:  # some event failed: redo the batch event by event, below
         log.debug("batch of %d rolled back (%s)", len(rows), describe_failure(exc))
+    if marked:
+        conn.execute(UNMARK_ALL, {"event_ids": event_ids})
     return _apply_one_by_one(conn, handler, rows, max_attempts)
 
 

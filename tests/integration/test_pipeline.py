@@ -29,6 +29,7 @@ from services.common.events import (
 from services.orders.domain import payment_requested
 from services.payments import queries as payments_queries
 from services.payments.domain import new_account
+from services.payments.handlers import make_handler as payments_handler
 
 
 @pytest.fixture
@@ -303,6 +304,54 @@ def test_the_consumer_applies_what_it_records_in_the_same_transaction(
         str(order_ids[1]): "paid",
         str(order_ids[2]): "failed",
     }
+
+
+def test_the_consumer_path_applies_in_arrival_order_skips_duplicates_and_leaves_failures_pending(
+    config: Config, payments_db: psycopg.Connection[Any]
+) -> None:
+    ids = new_account(None)
+    payments_db.execute(
+        payments_queries.CREATE_ACCOUNT, {"account_id": ids.account_id, "user_id": ids.user_id}
+    )
+    payments_db.execute(payments_queries.TOP_UP_USER, {"user_id": ids.user_id, "amount": 100})
+    topic = config.topic(TOPIC_PAYMENT_REQUESTED)
+
+    def request(amount: int, offset: int) -> inbox.Received:
+        envelope = payment_requested(uuid.uuid4(), ids.user_id, amount)
+        value = encode(envelope.to_json())
+        return inbox.Received(envelope.event_id, topic, str(ids.user_id), 0, offset, value)
+
+    first, second, third = request(60, 1), request(30, 2), request(60, 4)
+    poison = inbox.Received(uuid.uuid4(), topic, None, 0, 3, b"not json")
+    batch = [first, second, poison, third, first]  # `first` delivered twice in one batch
+    handler = payments_handler(config)
+
+    report = pipeline.record_and_apply(payments_db, batch, handler, config)
+
+    assert report == inbox.ApplyReport(applied=3, retried=1)
+    # Charged in arrival order: 60 and 30 paid, the last 60 finds 10 left.
+    assert payments_db.execute(
+        "SELECT balance FROM accounts WHERE user_id = %s", [ids.user_id]
+    ).fetchone() == (10,)
+    statuses = [
+        row[0]["payload"]["status"]
+        for row in payments_db.execute("SELECT payload FROM outbox ORDER BY id").fetchall()
+    ]
+    assert statuses == ["paid", "paid", "failed"]
+    rows = dict(
+        (row[0], row[1:])
+        for row in payments_db.execute(
+            "SELECT event_id, processed_at IS NOT NULL, attempts, last_error FROM inbox"
+        ).fetchall()
+    )
+    assert {rows[m.event_id][:2] for m in (first, second, third)} == {(True, 1)}
+    processed, attempts, error = rows[poison.event_id]
+    assert (processed, attempts) == (False, 1)  # pending, for the sweeper to retry with backoff
+    assert error.startswith("poison")
+
+    # Kafka delivering the whole batch again changes nothing.
+    assert pipeline.record_and_apply(payments_db, batch, handler, config) == inbox.ApplyReport()
+    assert payments_db.execute("SELECT count(*) FROM outbox").fetchone() == (3,)
 
 
 def test_inbox_record_of_a_known_event_id_is_a_no_op(payments_db: psycopg.Connection[Any]) -> None:
