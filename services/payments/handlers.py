@@ -21,6 +21,7 @@ from services.common.events import (
 from services.common.inbox import ApplyHandler, Pending
 from services.payments import queries
 from services.payments.domain import (
+    PAID,
     ChargeResult,
     PaymentRequest,
     PaymentStatus,
@@ -29,15 +30,14 @@ from services.payments.domain import (
 )
 
 
-def charge_order(conn: psycopg.Connection[Any], request: PaymentRequest) -> ChargeResult:
-    """Debit the user's account for the order at most once, and say how it went.
+def charge_order(conn: psycopg.Connection[Any], request: PaymentRequest, result_topic: str) -> None:
+    """Debit the user's account for the order at most once, and write the answer to the outbox.
 
     Redeliveries of one order, under any event_id, get the answer of the first delivery."""
     params = {"order_id": request.order_id, "user_id": request.user_id, "amount": request.amount}
-    if conn.execute(queries.DEBIT, params).fetchone() is not None:
-        return decide_charge(
-            debited_now=True, debited_before=False, declined_before=None, account_exists=True
-        )
+    paid = answer(result_topic, request, PAID)
+    if conn.execute(queries.DEBIT, params | paid).fetchone() is not None:
+        return  # debited now, and the paid answer written by the same statement
     facts = conn.execute(queries.CHARGE_FACTS, params).fetchone()
     assert facts is not None  # a SELECT without FROM always returns its one row
     account_exists, debited_before, declined_reason = facts
@@ -49,7 +49,13 @@ def charge_order(conn: psycopg.Connection[Any], request: PaymentRequest) -> Char
     )
     if result.status is PaymentStatus.FAILED and result.reason is not None:
         conn.execute(queries.RECORD_DECLINE, {**params, "reason": result.reason.value})
-    return result
+    conn.execute(outbox.INSERT, answer(result_topic, request, result))
+
+
+def answer(result_topic: str, request: PaymentRequest, result: ChargeResult) -> dict[str, Any]:
+    """The outbox row of the `payment_result` event that answers `request` with `result`."""
+    envelope = Envelope(TYPE_PAYMENT_RESULT, result.payload(request.order_id))
+    return outbox.row(result_topic, str(request.user_id), envelope)
 
 
 def make_handler(config: Config) -> ApplyHandler:
@@ -61,9 +67,6 @@ def make_handler(config: Config) -> ApplyHandler:
         if pending.topic != requested_topic:
             raise PoisonMessage(f"payments does not consume topic {pending.topic!r}")
         envelope = events.decode(pending.payload, TYPE_PAYMENT_REQUESTED)
-        request = parse_payment_request(envelope.payload)
-        result = charge_order(conn, request)
-        answer = Envelope(TYPE_PAYMENT_RESULT, result.payload(request.order_id))
-        conn.execute(outbox.INSERT, outbox.row(result_topic, str(request.user_id), answer))
+        charge_order(conn, parse_payment_request(envelope.payload), result_topic)
 
     return apply_payment_request

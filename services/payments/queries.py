@@ -52,7 +52,9 @@ BALANCE_OF_USER: Final = "SELECT id, user_id, balance FROM accounts WHERE user_i
 # The whole charge in one statement: the row lock taken by UPDATE serialises debits of one
 # account, `balance >= amount` is re-checked on the locked row, and the NOT EXISTS guards skip
 # an order already debited or declined. The unique index on ledger(order_id) backs the guard
-# should two debits of one order ever race. Returns a row only when this call debited.
+# should two debits of one order ever race. The `paid` answer (params: `outbox.row(...)` of it)
+# is written by the same statement when, and only when, this call debited: the common case of
+# a charge is one round trip. Returns a row only when this call debited.
 DEBIT: Final = """
 WITH debit AS (
     UPDATE accounts
@@ -62,10 +64,15 @@ WITH debit AS (
       AND NOT EXISTS (SELECT 1 FROM ledger WHERE order_id = %(order_id)s AND kind = 'debit')
       AND NOT EXISTS (SELECT 1 FROM declined_orders WHERE order_id = %(order_id)s)
     RETURNING id
+), entry AS (
+    INSERT INTO ledger (account_id, kind, amount, order_id)
+    SELECT id, 'debit', %(amount)s, %(order_id)s FROM debit
+    RETURNING account_id
+), paid AS (
+    INSERT INTO outbox (event_id, topic, key, payload, headers)
+    SELECT %(event_id)s, %(topic)s, %(key)s, %(payload)s, %(headers)s FROM entry
 )
-INSERT INTO ledger (account_id, kind, amount, order_id)
-SELECT id, 'debit', %(amount)s, %(order_id)s FROM debit
-RETURNING account_id
+SELECT account_id FROM entry
 """
 
 # Why DEBIT changed nothing: (account exists, order debited before, reason declined before).
