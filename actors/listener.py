@@ -76,8 +76,13 @@ def wake_relay(
     The pacer allows one per interval; notifications within it are served together at its end."""
     pending = False
     while not stopping.is_set():
-        wait = pacer.remaining() if pending else IDLE_WAIT
-        pending = bool(notified_channels(pgconn, timeout=wait)) or pending
+        if pending:
+            # A wake-up is due at the end of the interval: sleep until then rather than read
+            # every notification as it comes (one per order under load), then read them all.
+            stopping.wait(pacer.remaining())
+            notified_channels(pgconn, timeout=0)
+        else:
+            pending = bool(notified_channels(pgconn, timeout=IDLE_WAIT))
         if pending and not pacer.remaining():
             pacer.started()
             pending = False
