@@ -95,7 +95,7 @@ def run(service: str, config: Config, stopping: threading.Event) -> None:
             if messages:
                 # Under load, wait out the pacer's interval: what arrives meanwhile joins.
                 messages += consumer.consume(num_messages=BATCH - 1, timeout=pacer.remaining())
-                pacer.started()
+                pacer.started(len(messages))
             batch = []
             for message in messages:
                 error = message.error()

@@ -14,6 +14,7 @@ import logging
 import select
 import signal
 import threading
+from collections import Counter
 from collections.abc import Callable
 
 import psycopg
@@ -73,38 +74,39 @@ def wake_relay(
 ) -> None:
     """Call `wake` for the commits notified on `pgconn` until `stopping`: one wake-up serves
     every commit notified before it (and `broker.wake` sends none while one is still queued).
-    The pacer allows one per interval; notifications within it are served together at its end."""
-    pending = False
+    Under load the pacer allows one per interval, and the commits notified within it are served
+    together at its end."""
+    pending = 0  # notifications read and not yet served by a wake-up
     while not stopping.is_set():
-        if pending:
-            # A wake-up is due at the end of the interval: sleep until then rather than read
-            # every notification as it comes (one per order under load), then read them all.
+        if not pending:
+            pending = notifications(pgconn, timeout=IDLE_WAIT).total()
+        elif pacer.remaining():
+            # Sleep until the wake-up is due rather than read every notification as it comes
+            # (one per order under load), then read them all.
             stopping.wait(pacer.remaining())
-            notified_channels(pgconn, timeout=0)
-        else:
-            pending = bool(notified_channels(pgconn, timeout=IDLE_WAIT))
+            pending += notifications(pgconn, timeout=0).total()
         if pending and not pacer.remaining():
-            pacer.started()
-            pending = False
+            pacer.started(pending)
+            pending = 0
             wake()
 
 
-def notified_channels(pgconn: pq.abc.PGconn, timeout: float) -> set[str]:
-    """The channels of every notification that arrived on `pgconn`, waiting at most `timeout`
-    for the first: all that arrived together are served by one wake-up per channel.
+def notifications(pgconn: pq.abc.PGconn, timeout: float) -> Counter[str]:
+    """How many notifications arrived on `pgconn` per channel, waiting at most `timeout` for
+    the first: all that arrived together are served by one wake-up.
 
     libpq's own calls (select on the socket, PQconsumeInput, PQnotifies) rather than psycopg's
     `Connection.notifies()`, whose generator machinery was most of the listener's CPU (py-spy).
     A connection the server closed raises OperationalError (from `consume_input`, or reading
     its socket) at the latest on the read after the server's goodbye; the caller reconnects."""
     ready, _, _ = select.select([pgconn.socket], [], [], timeout)
+    received: Counter[str] = Counter()
     if not ready:
-        return set()
+        return received
     pgconn.consume_input()
-    channels = set()
     while (note := pgconn.notifies()) is not None:
-        channels.add(note.relname.decode())
-    return channels
+        received[note.relname.decode()] += 1
+    return received
 
 
 def schedule_sweeps(stopping: threading.Event, send: Callable[[], None]) -> None:

@@ -95,9 +95,9 @@ class Config:
     relay_batch_size: int = field(default_factory=lambda: _env_int("RELAY_BATCH_SIZE", 500))
     apply_batch_size: int = field(default_factory=lambda: _env_int("APPLY_BATCH_SIZE", 500))
     max_attempts: int = field(default_factory=lambda: _env_int("INBOX_MAX_ATTEMPTS", 5))
-    # Seconds: under load the listener wakes a relay, and a consumer takes a batch, at most
-    # once per interval; what arrives in between waits and goes in the next batch. After a
-    # quiet interval the first commit or message is served at once. 0: no pacing.
+    # Seconds: under load (batches of 3 or more events) the listener wakes a relay, and a
+    # consumer takes a batch, at most once per interval; what arrives in between joins the next
+    # batch. At light load nothing waits. 0: no pacing.
     batch_interval: float = field(default_factory=lambda: _env_float("BATCH_INTERVAL", 0.02))
     sweep_interval: float = field(default_factory=lambda: _env_float("SWEEP_INTERVAL", 2))
     purge_interval: float = field(default_factory=lambda: _env_float("PURGE_INTERVAL", 60))

@@ -7,7 +7,10 @@ from __future__ import annotations
 import os
 import threading
 import uuid
+from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import dramatiq
 import psycopg
@@ -17,7 +20,7 @@ from dramatiq.common import dq_name
 
 from actors import broker as actors_broker
 from actors.doorbell import MAX_TOKENS, DoorbellRedisBroker, doorbell
-from actors.listener import notified_channels, wake_relay
+from actors.listener import notifications, wake_relay
 from actors.pipeline import Pacer
 
 # A database of its own: the e2e system uses 9, a running `just up` uses 0.
@@ -120,57 +123,87 @@ def test_the_listener_reads_every_notification_that_arrived_together(orders_url:
     ):
         listening.execute("LISTEN outbox_pending")
         listening.execute("LISTEN elsewhere")
-        assert notified_channels(listening.pgconn, timeout=0.05) == set()
+        assert notifications(listening.pgconn, timeout=0.05) == {}
         for channel in ("outbox_pending", "outbox_pending", "elsewhere"):
             other.execute(f"NOTIFY {channel}")  # three transactions, three notifications
         # Each read returns every notification that has arrived by then: one read if the three
         # came together, at most three if they trickled in.
-        seen: set[str] = set()
+        seen: Counter[str] = Counter()
         for _ in range(3):
-            seen |= notified_channels(listening.pgconn, timeout=5)
-            if seen == {"outbox_pending", "elsewhere"}:
+            seen += notifications(listening.pgconn, timeout=5)
+            if seen.total() == 3:
                 break
-        assert seen == {"outbox_pending", "elsewhere"}
-        assert notified_channels(listening.pgconn, timeout=0.05) == set()  # all were read
+        assert seen == {"outbox_pending": 2, "elsewhere": 1}
+        assert notifications(listening.pgconn, timeout=0.05) == {}  # all were read
 
         other.execute("SELECT pg_terminate_backend(%s)", [listening.info.backend_pid])
         with pytest.raises(psycopg.OperationalError):  # the listener reconnects on this
             for _ in range(3):  # the first read may only find the server's goodbye message
-                notified_channels(listening.pgconn, timeout=5)
+                notifications(listening.pgconn, timeout=5)
 
 
-def test_the_listener_wakes_at_once_then_at_most_once_per_interval_for_what_follows(
-    orders_url: str,
-) -> None:
-    interval = 1.0  # far longer than sending a few notifications takes
-    wakes: list[int] = []  # how many notifications had been sent at each wake-up
-    sent = [0]
+class Listening:
+    """`wake_relay` on its own LISTEN connection in a thread; `commit()` notifies from another
+    connection, and each wake-up records how many commits had been notified by then."""
+
+    def __init__(self, listening: psycopg.Connection[Any], other: psycopg.Connection[Any]) -> None:
+        self.listening, self.other = listening, other
+        self.sent = 0
+        self.wakes: list[int] = []
+        self.woken = threading.Event()
+
+    def wake(self) -> None:
+        self.wakes.append(self.sent)
+        self.woken.set()
+
+    def commit(self) -> None:
+        self.sent += 1
+        self.other.execute("NOTIFY outbox_pending")
+
+    def wait_for_wake(self) -> bool:
+        woken = self.woken.wait(10)
+        self.woken.clear()
+        return woken
+
+
+@contextmanager
+def listening(orders_url: str, pacer: Pacer) -> Iterator[Listening]:
     stopping = threading.Event()
     with (
-        psycopg.connect(orders_url, autocommit=True) as listening,
+        psycopg.connect(orders_url, autocommit=True) as conn,
         psycopg.connect(orders_url, autocommit=True) as other,
     ):
-        listening.execute("LISTEN outbox_pending")
-        woken = threading.Event()
-
-        def wake() -> None:
-            wakes.append(sent[0])
-            woken.set()
-
+        conn.execute("LISTEN outbox_pending")
+        state = Listening(conn, other)
         thread = threading.Thread(
-            target=wake_relay, args=(listening.pgconn, wake, Pacer(interval), stopping)
+            target=wake_relay, args=(conn.pgconn, state.wake, pacer, stopping)
         )
         thread.start()
         try:
-            sent[0] = 1
-            other.execute("NOTIFY outbox_pending")
-            assert woken.wait(10)  # the first notification after a quiet spell: woken at once
-            woken.clear()
-            for _ in range(4):  # within the interval: held back, then served together
-                sent[0] += 1
-                other.execute("NOTIFY outbox_pending")
-            assert woken.wait(10)
+            yield state
         finally:
             stopping.set()
             thread.join(10)
-    assert wakes == [1, 5]  # two wake-ups for five commits; the second after the last of them
+
+
+def test_under_load_the_listener_wakes_at_most_once_per_interval(orders_url: str) -> None:
+    # Every batch counts as load here (min_batch=1); the interval is far longer than sending a
+    # few notifications takes.
+    with listening(orders_url, Pacer(1.0, min_batch=1)) as state:
+        state.commit()
+        assert state.wait_for_wake()  # the first after a quiet spell: at once
+        for _ in range(4):  # within the interval: held back, then served together
+            state.commit()
+        assert state.wait_for_wake()
+    assert state.wakes == [1, 5]  # two wake-ups for five commits; the second after the last
+
+
+def test_at_light_load_every_commit_wakes_the_relay_at_once(orders_url: str) -> None:
+    # Single commits are light load (min_batch=3): no pacing, so neither wake-up waits for the
+    # minute-long interval.
+    with listening(orders_url, Pacer(60.0, min_batch=3)) as state:
+        state.commit()
+        assert state.wait_for_wake()
+        state.commit()
+        assert state.wait_for_wake()
+    assert state.wakes == [1, 2]

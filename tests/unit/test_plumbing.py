@@ -133,17 +133,22 @@ def test_a_process_purges_at_most_once_per_interval(monkeypatch: pytest.MonkeyPa
     assert resources.purge_due(60) is False
 
 
-def test_a_pacer_lets_the_first_batch_start_at_once_and_spaces_the_next_by_its_interval() -> None:
+def test_a_pacer_spaces_batches_by_its_interval_only_once_they_come_full() -> None:
     now = [100.0]
-    pacer = Pacer(0.02, clock=lambda: now[0])
+    pacer = Pacer(0.02, min_batch=3, clock=lambda: now[0])
     assert pacer.remaining() == 0  # nothing ran yet: an idle system is served at once
-    pacer.started()
+    pacer.started(2)
+    assert pacer.remaining() == 0  # light load (small batches): no waiting
+    pacer.started(3)
     now[0] += 0.005
-    assert pacer.remaining() == pytest.approx(0.015)  # the next batch waits out the interval
+    assert pacer.remaining() == pytest.approx(0.015)  # under load: wait out the interval
     now[0] += 0.015
     assert pacer.remaining() == 0
+    pacer.started(40)
     now[0] += 3
-    assert pacer.remaining() == 0  # a quiet spell never builds up a debt or a credit
-    pacer.started()
-    assert pacer.remaining() == pytest.approx(0.02)
-    assert Pacer(0, clock=lambda: now[0]).remaining() == 0  # 0: no pacing
+    assert pacer.remaining() == 0  # a quiet spell never builds up a debt
+    pacer.started(1)
+    assert pacer.remaining() == 0  # load fell: back to no waiting
+    paced = Pacer(0, min_batch=3, clock=lambda: now[0])
+    paced.started(100)
+    assert paced.remaining() == 0  # interval 0: no pacing at all
