@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import redis.asyncio as aioredis
 from confluent_kafka.admin import AdminClient
@@ -109,9 +109,12 @@ def create_service_app(
     description: str,
     endpoints: Sequence[Endpoint],
     config: Config,
+    running: Callable[[Starlette, AsyncConnectionPool], AbstractAsyncContextManager[None]]
+    | None = None,
 ) -> Starlette:
     """The Starlette app of `service` ("orders" or "payments") with its own database pool in
-    `app.state.db`, and `/ready` checking that database, Redis and Kafka."""
+    `app.state.db`, and `/ready` checking that database, Redis and Kafka. `running(app, pool)`,
+    if given, is entered once the pool is open and left before it closes."""
     pool = db.async_pool(config, service, f"{service}-api")
     registry = CollectorRegistry()
     timeout = min(2.0, config.db_connect_timeout)
@@ -124,7 +127,11 @@ def create_service_app(
         # Do not block start-up on the database: requests answer 503 until it is reachable.
         await pool.open(wait=False)
         try:
-            yield
+            if running is None:
+                yield
+            else:
+                async with running(app, pool):
+                    yield
         finally:
             await pool.close(timeout=5)
 

@@ -3,10 +3,13 @@ read their status. `uvicorn --factory services.orders.app:create_app` serves it.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any, Final
 from urllib.parse import urlencode
 from uuid import UUID
 
+from psycopg_pool import AsyncConnectionPool
 from starlette.applications import Starlette
 from starlette.responses import Response
 
@@ -29,6 +32,7 @@ from services.orders.domain import (
     is_storable_text,
     payment_requested,
 )
+from services.orders.writer import OrderWriter
 
 DEFAULT_PAGE_SIZE: Final = 100
 MAX_PAGE_SIZE: Final = 500
@@ -156,10 +160,8 @@ async def create_order(call: Call) -> Response:
         envelope=payment_requested(order_id, user_id, amount),
     )
     params = {"id": order_id, "user_id": user_id, "amount": amount, "description": description}
-    async with pool_of(call.request).connection() as conn:
-        row = await (await conn.execute(queries.CREATE_ORDER, params | event_row)).fetchone()
-    assert row is not None  # INSERT … RETURNING always returns the row it inserted
-    order = _order(row)
+    writer: OrderWriter = call.request.app.state.order_writer
+    order = _order(await writer.create(params | event_row))
     return respond(order.to_json(), 201, headers={"Location": f"/order/{order.id}"})
 
 
@@ -316,6 +318,16 @@ ENDPOINTS: Final[list[Endpoint]] = [
 ]
 
 
+@asynccontextmanager
+async def order_writer(app: Starlette, pool: AsyncConnectionPool) -> AsyncIterator[None]:
+    """New orders are written through one `OrderWriter` (group commit) per process."""
+    writer = app.state.order_writer = OrderWriter(pool)
+    try:
+        yield
+    finally:
+        await writer.close()
+
+
 def create_app(config: Config | None = None) -> Starlette:
     """The Orders service app; the environment configures it unless `config` is given."""
     return create_service_app(
@@ -324,4 +336,5 @@ def create_app(config: Config | None = None) -> Starlette:
         description="Orders of the online store; each is paid asynchronously by Payments.",
         endpoints=ENDPOINTS,
         config=config or load(),
+        running=order_writer,
     )

@@ -1,0 +1,105 @@
+"""Group commit for new orders: the orders that arrive while one insert transaction is in flight
+are written together by the next one.
+
+Under load this turns many one-order transactions into a few multi-order ones: one round trip,
+one WAL flush and one NOTIFY (Postgres holds a database-wide lock from a notifying commit
+through its WAL flush, so those commits queue up one by one) for the whole batch. An order
+that arrives while nothing is in flight is written at once, alone, as before. Every order is
+answered only after its transaction committed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any, Final
+
+from psycopg_pool import AsyncConnectionPool
+
+from services.common import db
+from services.orders import queries
+
+log = logging.getLogger(__name__)
+
+# Orders per transaction, at most.
+MAX_BATCH: Final = 100
+
+Row = tuple[Any, ...]
+
+
+class OrderWriter:
+    """Writes `queries.CREATE_ORDER` for each caller, batching concurrent callers."""
+
+    def __init__(self, pool: AsyncConnectionPool) -> None:
+        self._pool = pool
+        self._waiting: list[tuple[dict[str, Any], asyncio.Future[Row]]] = []
+        self._arrived = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def create(self, params: dict[str, Any]) -> Row:
+        """Insert one order (and its outbox row); return the order's row once it committed."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="order-writer")
+        future: asyncio.Future[Row] = asyncio.get_running_loop().create_future()
+        self._waiting.append((params, future))
+        self._arrived.set()
+        return await future
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            await self._arrived.wait()
+            batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
+            if not self._waiting:
+                self._arrived.clear()
+            await self._write(batch)
+
+    async def _write(self, batch: list[tuple[dict[str, Any], asyncio.Future[Row]]]) -> None:
+        try:
+            rows = await self._insert([params for params, _ in batch])
+        except db.UNAVAILABLE as exc:  # the database is out of reach: every caller gets a 503
+            for _, future in batch:
+                _fail(future, exc)
+            return
+        except Exception as exc:
+            if len(batch) == 1:
+                _fail(batch[0][1], exc)
+                return
+            # One bad order must not fail the others: write each alone.
+            log.warning(
+                "a batch of %d orders failed (%s); writing them one by one", len(batch), exc
+            )
+            for one in batch:
+                await self._write([one])
+            return
+        for (_, future), row in zip(batch, rows, strict=True):
+            if not future.done():  # the caller may have gone (request cancelled)
+                future.set_result(row)
+
+    async def _insert(self, batch: list[dict[str, Any]]) -> list[Row]:
+        async with self._pool.connection() as conn:
+            if len(batch) == 1:  # autocommit: one statement, one round trip
+                row = await (await conn.execute(queries.CREATE_ORDER, batch[0])).fetchone()
+                assert row is not None  # INSERT … RETURNING always returns the row it inserted
+                return [row]
+            rows: list[Row] = []
+            async with conn.transaction(), conn.cursor() as cur:
+                await cur.executemany(queries.CREATE_ORDER, batch, returning=True)
+                while True:
+                    row = await cur.fetchone()
+                    assert row is not None
+                    rows.append(row)
+                    if not cur.nextset():
+                        break
+            return rows
+
+
+def _fail(future: asyncio.Future[Row], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)

@@ -1,0 +1,86 @@
+"""Group commit of new orders on a real Postgres: orders created at once share transactions,
+each still gets its own row and outbox row, and one bad order fails alone."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg_pool import AsyncConnectionPool
+
+from services.common import outbox
+from services.common.ids import uuid7
+from services.orders.domain import payment_requested
+from services.orders.writer import OrderWriter
+
+
+def order_params(order_id: uuid.UUID | None = None) -> dict[str, Any]:
+    order_id = order_id or uuid7()
+    user_id = uuid.uuid4()
+    envelope = payment_requested(order_id, user_id, 100)
+    row = outbox.row("orders.payment-requested", str(user_id), envelope)
+    return {"id": order_id, "user_id": user_id, "amount": 100, "description": "d"} | row
+
+
+async def create_all(url: str, batch: list[dict[str, Any]]) -> list[Any]:
+    async with AsyncConnectionPool(url, kwargs={"autocommit": True}, open=False) as pool:
+        writer = OrderWriter(pool)
+        try:
+            return await asyncio.gather(
+                *(writer.create(params) for params in batch), return_exceptions=True
+            )
+        finally:
+            await writer.close()
+
+
+def test_orders_created_at_once_share_transactions_and_each_gets_its_outbox_row(
+    orders_url: str, orders_db: psycopg.Connection[Any]
+) -> None:
+    batch = [order_params() for _ in range(30)]
+
+    rows = asyncio.run(create_all(orders_url, batch))
+
+    assert [row[0] for row in rows] == [params["id"] for params in batch]  # each its own row
+    ids = [params["id"] for params in batch]
+    transactions = orders_db.execute(
+        "SELECT count(DISTINCT xmin::text) FROM orders WHERE id = ANY(%s)", [ids]
+    ).fetchone()
+    assert transactions is not None and transactions[0] < len(batch)  # grouped
+    events = orders_db.execute(
+        "SELECT count(*) FROM outbox WHERE payload->'payload'->>'order_id' = ANY(%s)",
+        [[str(i) for i in ids]],
+    ).fetchone()
+    assert events == (len(batch),)
+
+
+def test_an_order_that_fails_in_a_batch_fails_alone(
+    orders_url: str, orders_db: psycopg.Connection[Any]
+) -> None:
+    taken = uuid7()
+    asyncio.run(create_all(orders_url, [order_params(taken)]))
+    batch = [order_params() for _ in range(5)] + [order_params(taken)] + [order_params()]
+
+    results = asyncio.run(create_all(orders_url, batch))
+
+    assert isinstance(results[5], psycopg.errors.UniqueViolation)
+    others = [r for i, r in enumerate(results) if i != 5]
+    assert [row[0] for row in others] == [p["id"] for i, p in enumerate(batch) if i != 5]
+    assert orders_db.execute(
+        "SELECT count(*) FROM orders WHERE id = ANY(%s)", [[p["id"] for p in batch]]
+    ).fetchone() == (len(batch),)  # the six new ones, and the one that was there before
+
+
+def test_an_order_on_an_idle_writer_is_written_at_once_alone(
+    orders_url: str, orders_db: psycopg.Connection[Any]
+) -> None:
+    params = order_params()
+    (row,) = asyncio.run(create_all(orders_url, [params]))
+    assert row[0] == params["id"]
+    with pytest.raises(psycopg.errors.UniqueViolation):  # and it did commit
+        orders_db.execute(
+            "INSERT INTO orders (id, user_id, amount, description) VALUES (%s, %s, 1, '')",
+            [params["id"], params["user_id"]],
+        )
