@@ -129,7 +129,9 @@ class Pending:
 
 # A service's effect for one event: runs inside the applier's transaction (a savepoint), so
 # the effect, its outgoing outbox rows and the inbox mark commit together or not at all.
-# Raise PoisonMessage for what can never succeed; any other exception is retried.
+# Raise PoisonMessage for what can never succeed; any other exception is retried. A handler
+# may also have an `apply_all(conn, batch)` method with the same effect for a whole batch, in
+# order (fewer statements); if it raises, the batch is applied event by event.
 ApplyHandler = Callable[[psycopg.Connection[Any], Pending], None]
 
 
@@ -243,8 +245,12 @@ def _apply_rows(
     event_ids = [p.event_id for p in rows]
     try:
         with conn.transaction():
-            for pending in rows:
-                handler(conn, pending)
+            apply_all = getattr(handler, "apply_all", None)
+            if apply_all is not None:  # a handler that can apply a whole batch at once
+                apply_all(conn, rows)
+            else:
+                for pending in rows:
+                    handler(conn, pending)
             if not marked:
                 conn.execute(MARK_ALL_PROCESSED, {"event_ids": event_ids})
         return ApplyReport(applied=len(rows))

@@ -59,3 +59,13 @@ SETTLE_ORDER: Final = """
 UPDATE orders SET status = %(status)s, reason = %(reason)s, updated_at = clock_timestamp()
 WHERE id = %(id)s AND (status = 'new') IS TRUE
 """
+
+# SETTLE_ORDER for a batch of results, one per order: the ids of the orders it moved.
+SETTLE_ORDERS: Final = """
+UPDATE orders
+SET status = result.status, reason = result.reason, updated_at = clock_timestamp()
+FROM unnest(%(ids)s::uuid[], %(statuses)s::text[], %(reasons)s::text[])
+     AS result (id, status, reason)
+WHERE orders.id = result.id AND (orders.status = 'new') IS TRUE
+RETURNING orders.id
+"""
