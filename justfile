@@ -89,6 +89,11 @@ demo-seed-curl:
 bench *args:
     @BENCH_COMMAND="just bench $*" python -m bench "$@"
 
+# The least the HTTP part of an order costs here: a trivial app behind a trivial aiohttp proxy,
+# open-loop, CPU ms per request of client, proxy and upstream (`--rates 300,1000 --seconds 8`).
+bench-floor *args:
+    @python -m bench.floor "$@"
+
 # --- Chaos ---
 
 # Against the running system (`just up` first): order traffic through the gateway while a seeded
