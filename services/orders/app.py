@@ -321,7 +321,9 @@ ENDPOINTS: Final[list[Endpoint]] = [
 @asynccontextmanager
 async def order_writer(app: Starlette, pool: AsyncConnectionPool) -> AsyncIterator[None]:
     """New orders are written through one `OrderWriter` (group commit) per process."""
-    writer = app.state.order_writer = OrderWriter(pool)
+    config: Config = app.state.config
+    timeout = config.db_connect_timeout + config.db_statement_timeout
+    writer = app.state.order_writer = OrderWriter(pool, timeout)
     try:
         yield
     finally:

@@ -14,6 +14,7 @@ import contextlib
 import logging
 from typing import Any, Final
 
+import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from services.common import db
@@ -30,15 +31,18 @@ Row = tuple[Any, ...]
 class OrderWriter:
     """Writes `queries.CREATE_ORDER` for each caller, batching concurrent callers."""
 
-    def __init__(self, pool: AsyncConnectionPool) -> None:
+    def __init__(self, pool: AsyncConnectionPool, timeout: float) -> None:
+        """`timeout`: seconds one batch may take (getting a connection included); past it its
+        callers are answered 503, whether or not the transaction went through."""
         self._pool = pool
+        self._timeout = timeout
         self._waiting: list[tuple[dict[str, Any], asyncio.Future[Row]]] = []
         self._arrived = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     async def create(self, params: dict[str, Any]) -> Row:
         """Insert one order (and its outbox row); return the order's row once it committed."""
-        if self._task is None:
+        if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run(), name="order-writer")
         future: asyncio.Future[Row] = asyncio.get_running_loop().create_future()
         self._waiting.append((params, future))
@@ -46,11 +50,16 @@ class OrderWriter:
         return await future
 
     async def close(self) -> None:
+        """Stop writing; callers still waiting (the server's graceful shutdown ran out) get a
+        503 rather than no answer."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        waiting, self._waiting = self._waiting, []
+        for _, future in waiting:
+            _fail(future, psycopg.OperationalError("the Orders service is stopping"))
 
     async def _run(self) -> None:
         while True:
@@ -58,11 +67,22 @@ class OrderWriter:
             batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
             if not self._waiting:
                 self._arrived.clear()
-            await self._write(batch)
+            try:
+                await self._write(batch)
+            except Exception as exc:  # a bug here must not leave callers waiting, or stop us
+                log.exception("writing %d orders failed", len(batch))
+                for _, future in batch:
+                    _fail(future, exc)
 
     async def _write(self, batch: list[tuple[dict[str, Any], asyncio.Future[Row]]]) -> None:
         try:
-            rows = await self._insert([params for params, _ in batch])
+            async with asyncio.timeout(self._timeout):
+                rows = await self._insert([params for params, _ in batch])
+        except TimeoutError:
+            unavailable = psycopg.OperationalError(f"writing orders took over {self._timeout} s")
+            for _, future in batch:
+                _fail(future, unavailable)
+            return
         except db.UNAVAILABLE as exc:  # the database is out of reach: every caller gets a 503
             for _, future in batch:
                 _fail(future, exc)

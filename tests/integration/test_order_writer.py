@@ -27,7 +27,7 @@ def order_params(order_id: uuid.UUID | None = None) -> dict[str, Any]:
 
 async def create_all(url: str, batch: list[dict[str, Any]]) -> list[Any]:
     async with AsyncConnectionPool(url, kwargs={"autocommit": True}, open=False) as pool:
-        writer = OrderWriter(pool)
+        writer = OrderWriter(pool, timeout=30)
         try:
             return await asyncio.gather(
                 *(writer.create(params) for params in batch), return_exceptions=True
@@ -84,3 +84,49 @@ def test_an_order_on_an_idle_writer_is_written_at_once_alone(
             "INSERT INTO orders (id, user_id, amount, description) VALUES (%s, %s, 1, '')",
             [params["id"], params["user_id"]],
         )
+
+
+def test_a_batch_past_its_time_is_answered_as_unavailable(orders_url: str) -> None:
+    async def run() -> BaseException | None:
+        async with AsyncConnectionPool(orders_url, kwargs={"autocommit": True}) as pool:
+            writer = OrderWriter(pool, timeout=0)  # no time at all: every batch runs out
+            try:
+                await writer.create(order_params())
+            except psycopg.OperationalError as exc:  # what the service answers 503 for
+                return exc
+            finally:
+                await writer.close()
+        return None
+
+    assert "took over 0 s" in str(asyncio.run(run()))
+
+
+def test_a_failure_outside_the_insert_fails_its_callers_and_the_writer_goes_on(
+    orders_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def run() -> tuple[BaseException | None, Any]:
+        async with AsyncConnectionPool(orders_url, kwargs={"autocommit": True}) as pool:
+            writer = OrderWriter(pool, timeout=30)
+            write = writer._write
+            calls = [0]
+
+            async def broken_once(batch: Any) -> None:
+                calls[0] += 1
+                if calls[0] == 1:
+                    raise RuntimeError("a bug")
+                await write(batch)
+
+            monkeypatch.setattr(writer, "_write", broken_once)
+            try:
+                try:
+                    await writer.create(order_params())
+                    first: BaseException | None = None
+                except RuntimeError as exc:
+                    first = exc
+                return first, await writer.create(order_params())
+            finally:
+                await writer.close()
+
+    first, row = asyncio.run(run())
+    assert isinstance(first, RuntimeError)  # answered (500), not left waiting
+    assert row is not None  # the next order is written as usual
