@@ -11,6 +11,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from actors import pipeline
 from services.common import inbox
 from services.common.config import Config
 from services.common.events import (
@@ -368,3 +369,37 @@ def test_the_orders_table_refuses_bad_amounts_and_descriptions(
             "INSERT INTO orders (id, user_id, amount, description) VALUES (%s, %s, %s, %s)",
             (uuid7(), USER, amount, description),
         )
+
+
+def test_the_consumer_path_settles_a_batch_at_once_and_leaves_an_unknown_order_pending(
+    orders_db: psycopg.Connection[Any],
+) -> None:
+    # The consumer records a batch already marked processed and applies it whole (one
+    # statement for the orders it can settle); an unknown order fails the batch, which is then
+    # un-marked and applied event by event.
+    first, second, unknown = new_order(orders_db), new_order(orders_db), uuid7()
+    batch = [
+        result(first, "paid"),
+        result(unknown, "paid"),
+        result(first, "failed", "insufficient_funds"),  # later result for the same order
+        result(second, "failed", "account_not_found"),
+    ]
+
+    report = pipeline.record_and_apply(orders_db, batch, make_handler(CONFIG), CONFIG)
+
+    assert report == ApplyReport(applied=3, retried=1)
+    assert state(orders_db, first)[:2] == ("paid", None)  # the first result won
+    assert state(orders_db, second)[:2] == ("failed", "account_not_found")
+    pending = orders_db.execute(
+        "SELECT event_id, attempts, last_error FROM inbox WHERE processed_at IS NULL"
+    ).fetchall()
+    assert [(row[0], row[1]) for row in pending] == [(batch[1].event_id, 1)]
+    assert pending[0][2] == f"poison: unknown order {unknown}"
+
+    # Without the unknown order the batch goes through whole, first result still winning.
+    third = new_order(orders_db)
+    again = [result(third, "failed", "insufficient_funds"), result(third, "paid")]
+    assert pipeline.record_and_apply(orders_db, again, make_handler(CONFIG), CONFIG) == (
+        ApplyReport(applied=2)
+    )
+    assert state(orders_db, third)[:2] == ("failed", "insufficient_funds")
