@@ -147,8 +147,19 @@ def _drop_database(name: str) -> None:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def show_logs(services_dir: str, lines: int = 40) -> None:
+    """The end of every process's log, past pytest's capture: a failure on CI can be read."""
+    out = sys.__stderr__
+    if out is None:
+        return
+    out.write(f"\n==> e2e: a test failed; the system's logs are kept in {services_dir}\n")
+    for log in sorted(Path(services_dir, "logs").glob("*.log")):
+        tail = log.read_text(errors="replace").splitlines()[-lines:]
+        out.write(f"--- {log.name} (last {len(tail)} lines)\n" + "\n".join(tail) + "\n")
+
+
 @pytest.fixture(scope="session")
-def system() -> Iterator[System]:
+def system(request: pytest.FixtureRequest) -> Iterator[System]:
     run_id = uuid.uuid4().hex[:8]
     orders_db, payments_db = f"e2e_orders_{run_id}", f"e2e_payments_{run_id}"
     orders_url = _create_database(orders_db, "orders")
@@ -207,4 +218,7 @@ def system() -> Iterator[System]:
                 print(f"topic cleanup: {exc}")
         _drop_database(orders_db)
         _drop_database(payments_db)
-        shutil.rmtree(services_dir, ignore_errors=True)
+        if request.session.testsfailed:
+            show_logs(services_dir)
+        else:
+            shutil.rmtree(services_dir, ignore_errors=True)
