@@ -2,8 +2,8 @@
 
 One thread per database holds a dedicated autocommit connection with `LISTEN outbox_pending`
 (the inbox needs no wake-up: consumers apply what they record). Notifications that arrive
-together, or while a wake-up is still queued, are coalesced into one message, and a relay is
-woken at most once per `BATCH_INTERVAL` (`pipeline.Pacer`). After every
+together, or while a wake-up is still queued, are coalesced into one message, and under load
+a relay is woken at most once per `BATCH_INTERVAL` (`pipeline.Pacer`). After every
 (re)connect it sends one sweep, because notifications raised while it was away are gone.
 The main thread sends a sweep per service every `SWEEP_INTERVAL` seconds.
 Run it with `python -m actors.listener`."""

@@ -93,6 +93,11 @@ class OrderState:
     status: OrderStatus
     reason: FailureReason | None = None
 
+    @property
+    def columns(self) -> tuple[str, str | None]:
+        """The `status` and `reason` column values."""
+        return self.status.value, None if self.reason is None else self.reason.value
+
 
 def parse_payment_result(payload: Mapping[str, Any]) -> PaymentResult:
     """The payment result in an event's payload, or `PoisonMessage` saying what is wrong."""

@@ -60,10 +60,8 @@ class PaymentResultHandler:
                 queries.SETTLE_ORDERS,
                 {
                     "ids": list(first),
-                    "statuses": [s.status.value for _, _, s in first.values()],
-                    "reasons": [
-                        None if s.reason is None else s.reason.value for _, _, s in first.values()
-                    ],
+                    "statuses": [s.columns[0] for _, _, s in first.values()],
+                    "reasons": [s.columns[1] for _, _, s in first.values()],
                 },
             ).fetchall()
         }
@@ -79,13 +77,9 @@ def settle(conn: psycopg.Connection[Any], pending: Pending, result: PaymentResul
     # common case is this one statement.
     settled = transition(OrderStatus.NEW, result)
     if settled is not None:
+        status, reason = settled.columns
         changed = conn.execute(
-            queries.SETTLE_ORDER,
-            {
-                "id": result.order_id,
-                "status": settled.status.value,
-                "reason": None if settled.reason is None else settled.reason.value,
-            },
+            queries.SETTLE_ORDER, {"id": result.order_id, "status": status, "reason": reason}
         ).rowcount
         if changed:
             return
