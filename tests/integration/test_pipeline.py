@@ -263,23 +263,29 @@ def count_rows(conn: psycopg.Connection[Any], table: str) -> int:
     return int(row[0]) if row else 0
 
 
-def test_the_consumer_applies_what_it_records_in_the_same_transaction(
-    config: Config, topics: None, payments_db: psycopg.Connection[Any]
-) -> None:
+def funded_user(payments_db: psycopg.Connection[Any], amount: int) -> uuid.UUID:
+    """A new user whose account holds `amount`."""
     ids = new_account(None)
     payments_db.execute(
         payments_queries.CREATE_ACCOUNT, {"account_id": ids.account_id, "user_id": ids.user_id}
     )
-    payments_db.execute(payments_queries.TOP_UP_USER, {"user_id": ids.user_id, "amount": 100})
+    payments_db.execute(payments_queries.TOP_UP_USER, {"user_id": ids.user_id, "amount": amount})
+    return ids.user_id
+
+
+def test_the_consumer_applies_what_it_records_in_the_same_transaction(
+    config: Config, topics: None, payments_db: psycopg.Connection[Any]
+) -> None:
+    user_id = funded_user(payments_db, 100)
     topic = config.topic(TOPIC_PAYMENT_REQUESTED)
     order_ids = [uuid.uuid4() for _ in range(3)]
     producer = Producer(kafka.producer_settings(config, "test-producer"))
     for order_id in order_ids:  # 60 + 30 are paid; the third (60) finds 10 left
         amount = 30 if order_id == order_ids[1] else 60
-        envelope = payment_requested(order_id, ids.user_id, amount)
+        envelope = payment_requested(order_id, user_id, amount)
         producer.produce(
             topic,
-            key=str(ids.user_id),
+            key=str(user_id),
             value=encode(envelope.to_json()),
             headers=[("event_id", str(envelope.event_id).encode())],
         )
@@ -293,7 +299,7 @@ def test_the_consumer_applies_what_it_records_in_the_same_transaction(
         "SELECT count(*) FROM inbox WHERE processed_at IS NOT NULL"
     ).fetchone() == (3,)
     assert payments_db.execute(
-        "SELECT balance FROM accounts WHERE user_id = %s", [ids.user_id]
+        "SELECT balance FROM accounts WHERE user_id = %s", [user_id]
     ).fetchone() == (10,)
     results = {
         row[0]["payload"]["order_id"]: row[0]["payload"]["status"]
@@ -309,17 +315,13 @@ def test_the_consumer_applies_what_it_records_in_the_same_transaction(
 def test_the_consumer_path_applies_in_arrival_order_skips_duplicates_and_leaves_failures_pending(
     config: Config, payments_db: psycopg.Connection[Any]
 ) -> None:
-    ids = new_account(None)
-    payments_db.execute(
-        payments_queries.CREATE_ACCOUNT, {"account_id": ids.account_id, "user_id": ids.user_id}
-    )
-    payments_db.execute(payments_queries.TOP_UP_USER, {"user_id": ids.user_id, "amount": 100})
+    user_id = funded_user(payments_db, 100)
     topic = config.topic(TOPIC_PAYMENT_REQUESTED)
 
     def request(amount: int, offset: int) -> inbox.Received:
-        envelope = payment_requested(uuid.uuid4(), ids.user_id, amount)
+        envelope = payment_requested(uuid.uuid4(), user_id, amount)
         value = encode(envelope.to_json())
-        return inbox.Received(envelope.event_id, topic, str(ids.user_id), 0, offset, value)
+        return inbox.Received(envelope.event_id, topic, str(user_id), 0, offset, value)
 
     first, second, third = request(60, 1), request(30, 2), request(60, 4)
     poison = inbox.Received(uuid.uuid4(), topic, None, 0, 3, b"not json")
@@ -331,7 +333,7 @@ def test_the_consumer_path_applies_in_arrival_order_skips_duplicates_and_leaves_
     assert report == inbox.ApplyReport(applied=3, retried=1)
     # Charged in arrival order: 60 and 30 paid, the last 60 finds 10 left.
     assert payments_db.execute(
-        "SELECT balance FROM accounts WHERE user_id = %s", [ids.user_id]
+        "SELECT balance FROM accounts WHERE user_id = %s", [user_id]
     ).fetchone() == (10,)
     statuses = [
         row[0]["payload"]["status"]
