@@ -6,13 +6,12 @@ Examples: `just bench`, `just bench --rates 200,500 --duration 30`, `just bench 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import shlex
 import sys
 from pathlib import Path
 
-from bench import cpu, report
+from bench import cpu, http1, report
 from bench.run import REPO, Settings, benchmark
 from services.common.config import load as load_config
 
@@ -107,22 +106,12 @@ def main(argv: list[str] | None = None) -> int:
         command=os.environ.get("BENCH_COMMAND", "").strip()
         or shlex.join(["python", "-m", "bench", *(sys.argv[1:] if argv is None else argv)]),
     )
-    results = run_with_fast_loop(settings)
+    results = http1.run_fast(benchmark(settings))
     json_path, png_path = report.write_results(results, settings.results_dir)
     print()
     print(report.format_table(results))
     print(f"\nresults: {json_path}\nchart:   {png_path}")
     return 0
-
-
-def run_with_fast_loop(settings: Settings) -> dict[str, object]:
-    """uvloop when it is installed (uvicorn[standard] brings it): less generator overhead."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(benchmark(settings))
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(benchmark(settings))
 
 
 if __name__ == "__main__":

@@ -2,10 +2,10 @@
 least on this machine, to read `just bench`'s figures against.
 
 A trivial Starlette app (POST → 201 with a JSON body) behind a trivial Starlette + aiohttp
-proxy, both under uvicorn as the services run (uvloop, httptools, no access log), driven by an
-open-loop aiohttp client: the gateway → orders → answer path with no validation, middleware,
-database or pipeline. Prints, per rate, the CPU milliseconds per request of client, proxy and
-upstream, read from /proc."""
+proxy, both under uvicorn as the services run (uvloop, httptools, no access log), driven
+open-loop by the benchmark's own client (`bench.http1`): the gateway → orders → answer path
+with no validation, middleware, database or pipeline. Prints, per rate, the CPU milliseconds
+per request of client, proxy and upstream, read from /proc."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from bench import cpu, report
+from bench import cpu, http1, report
 
 BODY = json.dumps({"user_id": "0190f7a4-0000-7d8e-9f00-aabbccddeeff", "amount": 1}).encode()
 JSON = {"Content-Type": "application/json"}
@@ -79,22 +79,16 @@ def ticks(pid: int) -> int:
         return cpu.parse_stat(stat.read()).own_ticks
 
 
-async def wait_ready(session: aiohttp.ClientSession, url: str, timeout: float = 30) -> None:
+async def wait_ready(client: http1.Client, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            async with session.post(url, data=BODY, headers=JSON) as answer:
-                if answer.status == 201:
-                    return
-        except aiohttp.ClientError:
-            pass
+    while (await client.post("", BODY)).status != 201:
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{url} did not answer within {timeout} s")
+            raise RuntimeError(f"the proxy did not answer within {timeout} s")
         await asyncio.sleep(0.2)
 
 
 async def drive(
-    session: aiohttp.ClientSession, url: str, rate: float, seconds: float, pids: dict[str, int]
+    client: http1.Client, rate: float, seconds: float, pids: dict[str, int]
 ) -> dict[str, Any]:
     """Open loop: `rate` requests per second for `seconds`, each sent on schedule."""
     latencies: list[float] = []
@@ -102,12 +96,7 @@ async def drive(
 
     async def one(due: float) -> None:
         nonlocal errors
-        try:
-            async with session.post(url, data=BODY, headers=JSON) as answer:
-                await answer.read()
-                errors += answer.status != 201
-        except (aiohttp.ClientError, TimeoutError):
-            errors += 1
+        errors += (await client.post("", BODY)).status != 201
         latencies.append(time.monotonic() - due)
 
     loop = asyncio.get_running_loop()
@@ -146,11 +135,12 @@ async def measure(rates: Sequence[float], seconds: float) -> list[dict[str, Any]
     )
     url = f"http://127.0.0.1:{proxy_port}/orders"
     try:
-        connector = aiohttp.TCPConnector(limit=500)
-        async with aiohttp.ClientSession(connector=connector) as session:
-            await wait_ready(session, url)
-            pids = {"proxy": proxy.pid, "upstream": upstream.pid}
-            return [await drive(session, url, rate, seconds, pids) for rate in rates]
+        client = http1.Client(url, max_connections=500, timeout=10)
+        await wait_ready(client)
+        pids = {"proxy": proxy.pid, "upstream": upstream.pid}
+        results = [await drive(client, rate, seconds, pids) for rate in rates]
+        await client.close()
+        return results
     finally:
         for process in (proxy, upstream):
             process.terminate()
@@ -163,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=8.0, help="per rate")
     args = p.parse_args(argv)
     rates = [float(r) for r in args.rates.split(",") if r.strip()]
-    results = asyncio.run(measure(rates, args.seconds))
+    results = http1.run_fast(measure(rates, args.seconds))
     print(f"cores {os.cpu_count()}; CPU ms per request (client + proxy + upstream)")
     for r in results:
         c, lat = r["cpu_ms_per_request"], r["latency_ms"]

@@ -3,8 +3,9 @@ were answered, and each latency is measured from the request's *scheduled* time,
 system shows up as latency instead of silently slowing the generator (no coordinated omission).
 
 The generator's own lag (actual send time - scheduled time) is recorded too, so a reader can
-tell whether the generator kept up. aiohttp rather than httpx: on this machine httpx's
-connection pool cost 1-4 ms of CPU per request under concurrency, aiohttp about 0.2 ms."""
+tell whether the generator kept up. Orders go out through `bench.http1`, a lean keep-alive
+client (a fifth of aiohttp's CPU per request, which is CPU the system under test gets back);
+accounts are opened with aiohttp, which reads their JSON answers."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from typing import Any
 
 import aiohttp
 
+from bench import http1
+
 CREATED = 201
-JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 @dataclass(frozen=True)
@@ -74,14 +76,12 @@ class OpenLoop:
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
-        gateway: str,
+        client: http1.Client,
         users: Sequence[str],
         amounts: tuple[int, int],
         seed: int = 1,
     ) -> None:
-        self._session = session
-        self._url = f"{gateway}/orders/create"
+        self._client = client
         self._users = list(users)
         self._amounts = amounts
         self._random = random.Random(seed)
@@ -120,45 +120,18 @@ class OpenLoop:
     async def _place(self, due: float, recorder: Recorder, body: bytes) -> None:
         loop = asyncio.get_running_loop()
         sent = loop.time()
-        written = Written()
-        try:
-            async with self._session.post(
-                self._url, data=body, headers=JSON_HEADERS, trace_request_ctx=written
-            ) as answer:
-                await answer.read()
-                outcome = str(answer.status)
-        except TimeoutError:
-            # Never written: it waited all along for one of the client's connections, every
-            # one of them held by a request the system had not answered yet.
-            outcome = "timeout" if written.yes else "timeout_waiting_for_a_connection"
-        except aiohttp.ClientError:
-            outcome = "connection"
-        recorder.attempts.append(Attempt(due, sent, loop.time(), outcome))
-
-
-class Written:
-    """Set once a request's headers went out on a connection (an aiohttp trace hook)."""
-
-    __slots__ = ("yes",)
-
-    def __init__(self) -> None:
-        self.yes = False
-
-
-async def _headers_sent(_: aiohttp.ClientSession, context: Any, __: Any) -> None:
-    if isinstance(context.trace_request_ctx, Written):
-        context.trace_request_ctx.yes = True
+        # `timeout_waiting_for_a_connection`: never written, every one of the client's
+        # connections was held by a request the system had not answered yet.
+        answer = await self._client.post("/orders/create", body)
+        recorder.attempts.append(Attempt(due, sent, loop.time(), answer.outcome))
 
 
 def client_session(timeout: float, max_connections: int) -> aiohttp.ClientSession:
-    """One pooled HTTP client; `timeout` bounds each request, waiting for a connection included."""
-    tracing = aiohttp.TraceConfig()
-    tracing.on_request_headers_sent.append(_headers_sent)
+    """The pooled client that opens the accounts; `timeout` bounds each request."""
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=max_connections, limit_per_host=max_connections),
         timeout=aiohttp.ClientTimeout(total=timeout),
         trust_env=False,
-        trace_configs=[tracing],
     )
 
 

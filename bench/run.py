@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-import aiohttp
+import httptools
 import psycopg
 
-from bench import cpu, load, profile, report
+from bench import cpu, http1, load, profile, report
 
 REPO = Path(__file__).resolve().parents[1]
 TIMESTAMP: Final = "%Y-%m-%dT%H:%M:%SZ"
@@ -470,7 +470,8 @@ async def benchmark(settings: Settings) -> dict[str, Any]:
             session, s.gateway, s.users, s.underfunded, (10**12, 20_000)
         )
         print(f"{len(accounts.users)} accounts ready", flush=True)
-        generator = load.OpenLoop(session, s.gateway, accounts.users, (100, 5_000))
+        client = http1.Client(s.gateway, s.max_connections, s.timeout)
+        generator = load.OpenLoop(client, accounts.users, (100, 5_000))
         run = Run(s, db, generator, clock, groups)
         phases: list[dict[str, Any]] = []
         if s.warmup > 0:
@@ -497,6 +498,7 @@ async def benchmark(settings: Settings) -> dict[str, Any]:
         for phase in phases:
             phase.pop("_terminal_run_s", None)
         end = clock.run_s(loop.time())
+        await client.close()
     settings_dict = asdict(s)
     settings_dict.update(results_dir=str(s.results_dir), services_script=str(s.services_script))
     return {
@@ -513,7 +515,7 @@ async def benchmark(settings: Settings) -> dict[str, Any]:
             "platform": platform.platform(),
         },
         "generator": {
-            "client": f"aiohttp {aiohttp.__version__}",
+            "client": f"bench.http1 (httptools {httptools.__version__})",
             "loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
         },
         "settings": settings_dict,

@@ -1,0 +1,196 @@
+"""The benchmark's lean HTTP/1.1 client (`bench.http1`) against a scripted local server: what it
+sends, connection reuse and its bound, and how each failure is reported and recovered from."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import pytest
+
+from bench import http1
+
+Respond = Callable[[bytes, asyncio.StreamWriter], Awaitable[None]]
+
+
+def answer(status: int, body: bytes = b'{"ok":true}', close: bool = False) -> bytes:
+    reason = {201: "Created", 503: "Service Unavailable"}.get(status, "Other")
+    headers = [f"HTTP/1.1 {status} {reason}", f"content-length: {len(body)}"]
+    if close:
+        headers.append("connection: close")
+    return ("\r\n".join(headers) + "\r\n\r\n").encode() + body
+
+
+@dataclass
+class Server:
+    """Reads each request (headers and Content-Length body) and lets `respond` answer it."""
+
+    respond: Respond
+    requests: list[bytes] = field(default_factory=list)
+    connections: int = 0
+    open_now: int = 0
+    most_open: int = 0
+    port: int = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.open_now += 1
+        self.most_open = max(self.most_open, self.open_now)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    int(line.split(b":")[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
+                request = head + await reader.readexactly(length)
+                self.requests.append(request)
+                await self.respond(request, writer)
+                if writer.is_closing():
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self.open_now -= 1
+            writer.close()
+
+
+def run_against(respond: Respond, scenario: Callable[[Server], Awaitable[None]]) -> Server:
+    async def main() -> Server:
+        server = Server(respond)
+        listening = await asyncio.start_server(server.handle, "127.0.0.1", 0)
+        server.port = listening.sockets[0].getsockname()[1]
+        async with listening:
+            await scenario(server)
+        return server
+
+    return http1.run_fast(main())
+
+
+async def created(_: bytes, writer: asyncio.StreamWriter) -> None:
+    writer.write(answer(201))
+
+
+def test_posts_the_body_and_reuses_one_connection() -> None:
+    statuses: list[http1.Answer] = []
+
+    async def scenario(server: Server) -> None:
+        client = http1.Client(f"http://127.0.0.1:{server.port}/api", 4, timeout=5)
+        for n in range(3):
+            statuses.append(await client.post("/orders/create", b'{"n":%d}' % n))
+        await client.close()
+
+    server = run_against(created, scenario)
+    assert [(a.status, a.outcome) for a in statuses] == [(201, "201")] * 3
+    assert server.connections == 1
+    head, _, body = server.requests[2].partition(b"\r\n\r\n")
+    assert head.split(b"\r\n")[0] == b"POST /api/orders/create HTTP/1.1"
+    assert b"Content-Type: application/json" in head
+    assert b"Content-Length: 7" in head
+    assert body == b'{"n":2}'
+
+
+def test_never_opens_more_than_its_bound_and_everyone_gets_an_answer() -> None:
+    async def slow(_: bytes, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(0.05)
+        writer.write(answer(201))
+
+    answers: list[http1.Answer] = []
+
+    async def scenario(server: Server) -> None:
+        client = http1.Client(f"http://127.0.0.1:{server.port}", 2, timeout=10)
+        answers.extend(await asyncio.gather(*(client.post("/", b"{}") for _ in range(7))))
+        await client.close()
+
+    server = run_against(slow, scenario)
+    assert [a.outcome for a in answers] == ["201"] * 7
+    assert server.most_open == 2
+    assert len(server.requests) == 7
+
+
+def test_a_late_answer_is_a_timeout_and_its_connection_is_not_reused() -> None:
+    async def first_hangs(request: bytes, writer: asyncio.StreamWriter) -> None:
+        if request.endswith(b'"hang"'):
+            await asyncio.sleep(1)
+        if not writer.is_closing():
+            writer.write(answer(201))
+
+    answers: list[http1.Answer] = []
+
+    async def scenario(server: Server) -> None:
+        client = http1.Client(f"http://127.0.0.1:{server.port}", 1, timeout=0.4)
+        hung = asyncio.ensure_future(client.post("/", b'"hang"'))
+        await asyncio.sleep(0.05)
+        queued = await client.post("/", b'"queued"', timeout=0.1)  # the only connection is taken
+        answers.extend([await hung, queued, await client.post("/", b'"after"')])
+        await client.close()
+
+    server = run_against(first_hangs, scenario)
+    assert [a.outcome for a in answers] == [
+        "timeout",
+        "timeout_waiting_for_a_connection",
+        "201",
+    ]
+    assert server.connections == 2  # the timed-out connection was dropped, a new one opened
+
+
+def test_a_connection_the_server_breaks_is_reported_and_replaced() -> None:
+    async def breaks_once(request: bytes, writer: asyncio.StreamWriter) -> None:
+        if request.endswith(b'"break"'):
+            writer.transport.abort()
+            return
+        writer.write(answer(503))
+
+    answers: list[http1.Answer] = []
+
+    async def scenario(server: Server) -> None:
+        client = http1.Client(f"http://127.0.0.1:{server.port}", 1, timeout=5)
+        answers.append(await client.post("/", b'"break"'))
+        answers.append(await client.post("/", b'"next"'))
+        await client.close()
+
+    server = run_against(breaks_once, scenario)
+    assert [(a.status, a.outcome) for a in answers] == [(0, "connection"), (503, "503")]
+    assert server.connections == 2
+
+
+def test_connection_close_answers_are_not_reused() -> None:
+    async def closes(_: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(answer(201, close=True))
+        await writer.drain()
+        writer.close()
+
+    answers: list[http1.Answer] = []
+
+    async def scenario(server: Server) -> None:
+        client = http1.Client(f"http://127.0.0.1:{server.port}", 1, timeout=5)
+        answers.extend([await client.post("/", b"{}"), await client.post("/", b"{}")])
+        await client.close()
+
+    server = run_against(closes, scenario)
+    assert [a.outcome for a in answers] == ["201", "201"]
+    assert server.connections == 2
+
+
+def test_an_unreachable_server_is_a_connection_error() -> None:
+    async def scenario(server: Server) -> None:
+        unused = server.port  # listening, so take a port nobody listens on instead
+        probe = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        dead = probe.sockets[0].getsockname()[1]
+        probe.close()
+        await probe.wait_closed()
+        assert dead != unused
+        client = http1.Client(f"http://127.0.0.1:{dead}", 1, timeout=5)
+        outcomes.append((await client.post("/", b"{}")).outcome)
+        outcomes.append((await client.post("/", b"{}")).outcome)  # the slot was given back
+
+    outcomes: list[str] = []
+    run_against(created, scenario)
+    assert outcomes == ["connection", "connection"]
+
+
+def test_only_plain_http_urls() -> None:
+    with pytest.raises(ValueError, match="http://"):
+        http1.Client("https://example.com", 1, timeout=1)
