@@ -195,7 +195,9 @@ def test_consumer_records_messages_once_and_commits_offsets_after_the_inbox(
     for index in range(30):
         envelope = Envelope("payment_requested", {"n": index})
         event_ids.append(envelope.event_id)
-        headers = [("event_id", str(envelope.event_id).encode())]
+        headers: list[tuple[str, str | bytes | None]] = [
+            ("event_id", str(envelope.event_id).encode())
+        ]
         producer.produce(topic, key=f"k{index % 5}", value=b"{}", headers=headers)
     # The same event delivered again, and a message with no event_id at all.
     producer.produce(
