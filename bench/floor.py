@@ -134,14 +134,13 @@ async def measure(rates: Sequence[float], seconds: float) -> list[dict[str, Any]
         {"FLOOR_UPSTREAM": f"http://127.0.0.1:{up_port}/orders"},
     )
     url = f"http://127.0.0.1:{proxy_port}/orders"
+    client = http1.Client(url, max_connections=500, timeout=10)
     try:
-        client = http1.Client(url, max_connections=500, timeout=10)
         await wait_ready(client)
         pids = {"proxy": proxy.pid, "upstream": upstream.pid}
-        results = [await drive(client, rate, seconds, pids) for rate in rates]
-        await client.close()
-        return results
+        return [await drive(client, rate, seconds, pids) for rate in rates]
     finally:
+        await client.close()
         for process in (proxy, upstream):
             process.terminate()
             process.wait(10)

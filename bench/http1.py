@@ -55,7 +55,19 @@ class _Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._transport: asyncio.Transport | None = None
         self._waiter: asyncio.Future[int] | None = None
+        self._status = 0  # of the answer being read, once its head is in
+        self._delimited = False  # its body has a Content-Length or is chunked
         self.reusable = True
+
+    @property
+    def usable(self) -> bool:
+        """Open, idle between answers, and not closed by either side."""
+        return (
+            self.reusable
+            and self._waiter is None
+            and self._transport is not None
+            and not self._transport.is_closing()
+        )
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -66,16 +78,35 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as error:
             self._fail(ConnectionFailed(f"unreadable answer: {error}"))
 
-    def on_message_complete(self) -> None:  # httptools callback
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self._status, self._delimited = 0, False
+
+    def on_header(self, name: bytes, _: bytes) -> None:
+        if name.lower() in (b"content-length", b"transfer-encoding"):
+            self._delimited = True
+
+    def on_headers_complete(self) -> None:
+        self._status = self._parser.get_status_code()
+
+    def on_message_complete(self) -> None:
+        if 100 <= self._status < 200 and self._status != 101:
+            return  # an interim answer (100 Continue, 103 Early Hints): the final one follows
         if not self._parser.should_keep_alive():
             self.close()
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(self._parser.get_status_code())
+        self._resolve(self._status)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.reusable = False
-        self._fail(ConnectionFailed(str(exc) if exc else "closed by the server"))
+        if exc is None and self._status and not self._delimited:
+            self._resolve(self._status)  # a body that ends with the connection has ended
+        else:
+            self._fail(ConnectionFailed(str(exc) if exc else "closed by the server"))
+
+    def _resolve(self, status: int) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(status)
 
     def _fail(self, error: Exception) -> None:
         self.close()
@@ -90,8 +121,10 @@ class _Connection(asyncio.Protocol):
 
     def exchange(self, request: bytes) -> asyncio.Future[int]:
         """Write `request`; the future gets the answer's status once the whole answer is in."""
-        if not self.reusable or self._transport is None or self._transport.is_closing():
+        if not self.usable:
             raise ConnectionFailed("connection closed")
+        assert self._transport is not None
+        self._status, self._delimited = 0, False
         self._waiter = self._loop.create_future()
         self._transport.write(request)
         return self._waiter
@@ -99,7 +132,12 @@ class _Connection(asyncio.Protocol):
 
 class Client:
     """POSTs to one server over at most `max_connections` keep-alive connections. `timeout`
-    bounds each request from its call, the wait for a free connection included."""
+    bounds each request from its call, the wait for a free connection included.
+
+    Each of the `max_connections` slots is either free, or holds a connection that is idle or
+    carries one request. A slot is handed from a finished request straight to the longest
+    waiting one: as its connection when that can carry another request, else empty, to open
+    a new connection in."""
 
     def __init__(self, base_url: str, max_connections: int, timeout: float) -> None:
         parts = urlsplit(base_url)
@@ -112,8 +150,9 @@ class Client:
         self._max = max_connections
         self._timeout = timeout
         self._idle: deque[_Connection] = deque()
-        self._open = 0
+        self._taken = 0  # slots that hold a connection or are being connected
         self._waiters: deque[asyncio.Future[_Connection | None]] = deque()
+        self._closed = False
 
     def request_bytes(self, path: str, body: bytes) -> bytes:
         """The whole request as it goes on the wire."""
@@ -135,78 +174,81 @@ class Client:
         raises for what the network or server did."""
         loop = asyncio.get_running_loop()
         request = self.request_bytes(path, body)
+        deadline = asyncio.timeout_at(loop.time() + (self._timeout if timeout is None else timeout))
         connection: _Connection | None = None
-        written = False
+        written = answered = False
         try:
-            async with asyncio.timeout_at(loop.time() + (timeout or self._timeout)):
+            async with deadline:
                 connection = await self._acquire(loop)
                 answer = connection.exchange(request)
                 written = True
                 status = await answer
+                answered = True
         except TimeoutError:
-            if connection is not None:
-                connection.close()  # its answer may still come: it cannot carry another request
+            if not deadline.expired():
+                return Answer(0, "connection")  # the system's own: a connect timed out
             return Answer(0, "timeout" if written else "timeout_waiting_for_a_connection")
         except (ConnectionFailed, OSError):
-            if connection is not None:
-                connection.close()
             return Answer(0, "connection")
         finally:
             if connection is not None:
-                self._release(connection)
+                if not answered:
+                    connection.close()  # its answer may still come: it cannot carry another
+                self._give_back(connection)
         return Answer(status, str(status))
 
     async def _acquire(self, loop: asyncio.AbstractEventLoop) -> _Connection:
-        while self._idle:
+        """A usable connection, in a slot now the caller's."""
+        if self._idle:
             connection = self._idle.pop()
-            if connection.reusable:
+            if connection.usable:
                 return connection
-            self._open -= 1
-        if self._open < self._max:
-            self._open += 1
-            try:
-                _, protocol = await loop.create_connection(
-                    lambda: _Connection(loop), self._host, self._port
-                )
-            except BaseException:
-                self._open -= 1
-                self._wake_one(None)
-                raise
-            return protocol
+            return await self._connect(loop)  # closed while idle: a new one in its slot
+        if self._taken < self._max:
+            self._taken += 1
+            return await self._connect(loop)
         waiter: asyncio.Future[_Connection | None] = loop.create_future()
         self._waiters.append(waiter)
         try:
-            handed_over = await waiter
+            handed = await waiter
         except asyncio.CancelledError:
-            # Timed out: a connection handed over in the meantime goes to the next in line.
             if waiter.done() and not waiter.cancelled():
-                handed = waiter.result()
-                if handed is not None:
-                    self._release(handed)
-                else:
-                    self._wake_one(None)
+                self._give_back(waiter.result())  # handed over meanwhile: to the next in line
             raise
-        # None: a slot freed up (a connection closed); open a new one in it.
-        return handed_over if handed_over is not None else await self._acquire(loop)
+        if handed is not None and handed.usable:
+            return handed
+        return await self._connect(loop)  # an empty slot, or one whose connection just closed
 
-    def _release(self, connection: _Connection) -> None:
-        if connection.reusable:
-            if not self._wake_one(connection):
-                self._idle.append(connection)
+    async def _connect(self, loop: asyncio.AbstractEventLoop) -> _Connection:
+        """Open a connection in a slot the caller holds; if that fails, the slot is freed."""
+        try:
+            _, protocol = await loop.create_connection(
+                lambda: _Connection(loop), self._host, self._port
+            )
+        except BaseException:
+            self._give_back(None)
+            raise
+        return protocol
+
+    def _give_back(self, connection: _Connection | None) -> None:
+        """Free a slot: with its connection when that can carry another request."""
+        if connection is not None and (self._closed or not connection.usable):
+            connection.close()
+            connection = None
+        if not self._closed:
+            while self._waiters:
+                waiter = self._waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result(connection)
+                    return
+        if connection is None:
+            self._taken -= 1
         else:
-            self._open -= 1
-            self._wake_one(None)
-
-    def _wake_one(self, connection: _Connection | None) -> bool:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(connection)
-                return True
-        return False
+            self._idle.append(connection)
 
     async def close(self) -> None:
-        """Close every idle connection (in-flight ones close as their requests end)."""
+        """Close every idle connection; those in flight close as their requests end."""
+        self._closed = True
         while self._idle:
             self._idle.pop().close()
-        self._open = 0
+            self._taken -= 1

@@ -194,3 +194,162 @@ def test_an_unreachable_server_is_a_connection_error() -> None:
 def test_only_plain_http_urls() -> None:
     with pytest.raises(ValueError, match="http://"):
         http1.Client("https://example.com", 1, timeout=1)
+
+
+def test_interim_answers_are_skipped_for_the_final_one() -> None:
+    async def hints_first(request: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>\r\n\r\n")
+        await asyncio.sleep(0.01)
+        writer.write(answer(201 if request.endswith(b'"first"') else 503))
+
+    answers: list[http1.Answer] = []
+
+    async def scenario(server: Server) -> None:
+        client = http1.Client(f"http://127.0.0.1:{server.port}", 1, timeout=5)
+        answers.extend([await client.post("/", b'"first"'), await client.post("/", b'"second"')])
+        await client.close()
+
+    server = run_against(hints_first, scenario)
+    assert [a.outcome for a in answers] == ["201", "503"]
+    assert server.connections == 1
+
+
+def test_a_body_that_ends_with_the_connection_counts_once_the_connection_ends() -> None:
+    async def close_delimited(_: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 201 Created\r\ncontent-type: application/json\r\n\r\n{}")
+        await writer.drain()
+        writer.close()
+
+    answers: list[http1.Answer] = []
+
+    async def scenario(server: Server) -> None:
+        client = http1.Client(f"http://127.0.0.1:{server.port}", 1, timeout=5)
+        answers.extend([await client.post("/", b"{}"), await client.post("/", b"{}")])
+        await client.close()
+
+    server = run_against(close_delimited, scenario)
+    assert [a.outcome for a in answers] == ["201", "201"]
+    assert server.connections == 2
+
+
+def test_a_request_cancelled_by_its_caller_leaves_its_answer_behind() -> None:
+    async def slow_then_fast(request: bytes, writer: asyncio.StreamWriter) -> None:
+        if request.endswith(b'"slow"'):
+            await asyncio.sleep(0.3)
+            if not writer.is_closing():
+                writer.write(answer(503))
+        else:
+            writer.write(answer(201))
+
+    answers: list[http1.Answer] = []
+
+    async def scenario(server: Server) -> None:
+        client = http1.Client(f"http://127.0.0.1:{server.port}", 1, timeout=5)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(client.post("/", b'"slow"'), 0.05)
+        answers.append(await client.post("/", b'"fast"'))
+        await asyncio.sleep(0.4)  # the slow answer, had it stayed on a reused connection
+        answers.append(await client.post("/", b'"fast"'))
+        await client.close()
+
+    server = run_against(slow_then_fast, scenario)
+    assert [a.outcome for a in answers] == ["201", "201"]
+    assert server.connections == 2
+
+
+def test_an_idle_connection_the_server_closed_is_replaced_without_an_error() -> None:
+    async def closes_after_answering(_: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(answer(201))  # keep-alive by its headers, closed all the same
+        await writer.drain()
+        writer.close()
+
+    answers: list[http1.Answer] = []
+
+    async def scenario(server: Server) -> None:
+        client = http1.Client(f"http://127.0.0.1:{server.port}", 1, timeout=5)
+        answers.append(await client.post("/", b"{}"))
+        await asyncio.sleep(0.1)
+        answers.append(await client.post("/", b"{}"))
+        await client.close()
+
+    server = run_against(closes_after_answering, scenario)
+    assert [a.outcome for a in answers] == ["201", "201"]
+    assert server.connections == 2
+
+
+def test_an_unreadable_answer_is_a_connection_error_and_frees_the_slot() -> None:
+    async def garbage_once(request: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"NOT HTTP AT ALL\r\n\r\n" if request.endswith(b'"bad"') else answer(201))
+
+    answers: list[http1.Answer] = []
+
+    async def scenario(server: Server) -> None:
+        client = http1.Client(f"http://127.0.0.1:{server.port}", 1, timeout=5)
+        answers.extend([await client.post("/", b'"bad"'), await client.post("/", b'"good"')])
+        await client.close()
+
+    run_against(garbage_once, scenario)
+    assert [a.outcome for a in answers] == ["connection", "201"]
+
+
+def test_a_waiter_gets_a_fresh_connection_when_the_one_it_waited_for_broke() -> None:
+    async def breaks_first(request: bytes, writer: asyncio.StreamWriter) -> None:
+        if request.endswith(b'"break"'):
+            await asyncio.sleep(0.05)
+            writer.transport.abort()
+            return
+        writer.write(answer(201))
+
+    answers: list[http1.Answer] = []
+
+    async def scenario(server: Server) -> None:
+        client = http1.Client(f"http://127.0.0.1:{server.port}", 1, timeout=5)
+        answers.extend(
+            await asyncio.gather(client.post("/", b'"break"'), client.post("/", b'"waits"'))
+        )
+        await client.close()
+
+    server = run_against(breaks_first, scenario)
+    assert [a.outcome for a in answers] == ["connection", "201"]
+    assert server.connections == 2
+
+
+def test_close_shuts_connections_still_in_flight_once_their_answers_are_in() -> None:
+    async def slow(_: bytes, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(0.1)
+        writer.write(answer(201))
+
+    answers: list[http1.Answer] = []
+
+    async def scenario(server: Server) -> None:
+        client = http1.Client(f"http://127.0.0.1:{server.port}", 2, timeout=5)
+        in_flight = asyncio.ensure_future(client.post("/", b"{}"))
+        await asyncio.sleep(0.02)
+        await client.close()
+        answers.append(await in_flight)
+        for _ in range(50):
+            if server.open_now == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert server.open_now == 0
+
+    run_against(slow, scenario)
+    assert [a.outcome for a in answers] == ["201"]
+
+
+def test_waiters_never_get_a_connection_that_closed_after_it_was_handed_over() -> None:
+    async def closes_after_answering(_: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(answer(201))  # keep-alive by its headers, closed all the same
+        await writer.drain()
+        writer.close()
+
+    answers: list[http1.Answer] = []
+
+    async def scenario(server: Server) -> None:
+        client = http1.Client(f"http://127.0.0.1:{server.port}", 1, timeout=5)
+        answers.extend(await asyncio.gather(*(client.post("/", b"{}") for _ in range(5))))
+        await client.close()
+
+    server = run_against(closes_after_answering, scenario)
+    assert [a.outcome for a in answers] == ["201"] * 5
+    assert server.connections == 5
