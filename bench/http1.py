@@ -14,7 +14,7 @@ import asyncio
 from collections import deque
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import Any, Final, TypeVar, cast
 from urllib.parse import urlsplit
 
 import httptools
@@ -31,6 +31,11 @@ def run_fast(main: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(main)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(main)
+
+
+# uvicorn closes a connection idle for 5 s; one idle for 4 s is not used again, so a request
+# never races the server's close on it (that request would be lost as a connection error).
+IDLE_TIMEOUT: Final = 4.0
 
 
 class ConnectionFailed(Exception):
@@ -58,6 +63,7 @@ class _Connection(asyncio.Protocol):
         self._status = 0  # of the answer being read, once its head is in
         self._delimited = False  # its body has a Content-Length or is chunked
         self.reusable = True
+        self.idle_since = 0.0
 
     @property
     def usable(self) -> bool:
@@ -139,7 +145,13 @@ class Client:
     waiting one: as its connection when that can carry another request, else empty, to open
     a new connection in."""
 
-    def __init__(self, base_url: str, max_connections: int, timeout: float) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        max_connections: int,
+        timeout: float,
+        idle_timeout: float = IDLE_TIMEOUT,
+    ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"an http:// URL is needed, not {base_url!r}")
@@ -149,6 +161,7 @@ class Client:
         self._prefix = parts.path.rstrip("/")
         self._max = max_connections
         self._timeout = timeout
+        self._idle_timeout = idle_timeout
         self._idle: deque[_Connection] = deque()
         self._taken = 0  # slots that hold a connection or are being connected
         self._waiters: deque[asyncio.Future[_Connection | None]] = deque()
@@ -201,9 +214,10 @@ class Client:
         """A usable connection, in a slot now the caller's."""
         if self._idle:
             connection = self._idle.pop()
-            if connection.usable:
+            if connection.usable and loop.time() - connection.idle_since < self._idle_timeout:
                 return connection
-            return await self._connect(loop)  # closed while idle: a new one in its slot
+            connection.close()
+            return await self._connect(loop)  # closed, or soon by the server: a new one
         if self._taken < self._max:
             self._taken += 1
             return await self._connect(loop)
@@ -244,6 +258,7 @@ class Client:
         if connection is None:
             self._taken -= 1
         else:
+            connection.idle_since = asyncio.get_running_loop().time()
             self._idle.append(connection)
 
     async def close(self) -> None:

@@ -353,3 +353,19 @@ def test_waiters_never_get_a_connection_that_closed_after_it_was_handed_over() -
     server = run_against(closes_after_answering, scenario)
     assert [a.outcome for a in answers] == ["201"] * 5
     assert server.connections == 5
+
+
+def test_a_connection_idle_for_too_long_is_not_used_again() -> None:
+    answers: list[http1.Answer] = []
+
+    async def scenario(server: Server) -> None:
+        client = http1.Client(f"http://127.0.0.1:{server.port}", 1, timeout=5, idle_timeout=0.05)
+        answers.append(await client.post("/", b"{}"))
+        answers.append(await client.post("/", b"{}"))  # at once: the same connection
+        await asyncio.sleep(0.1)
+        answers.append(await client.post("/", b"{}"))  # past idle_timeout: a new one
+        await client.close()
+
+    server = run_against(created, scenario)
+    assert [a.outcome for a in answers] == ["201"] * 3
+    assert server.connections == 2
