@@ -15,7 +15,6 @@ from services.common.events import TOPIC_PAYMENT_RESULT, TYPE_PAYMENT_RESULT, Po
 from services.common.inbox import ApplyHandler, Pending
 from services.orders import queries
 from services.orders.domain import (
-    OrderState,
     OrderStatus,
     PaymentResult,
     parse_payment_result,
@@ -45,7 +44,7 @@ class PaymentResultHandler:
         # The first result for each order goes in one statement; whatever it did not move (a
         # later result for the same order, an order already settled, or unknown) takes the
         # one-event path, which ignores the first kind and the second and fails on the third.
-        first: dict[uuid.UUID, tuple[Pending, PaymentResult, OrderState]] = {}
+        first: dict[uuid.UUID, tuple[Pending, PaymentResult, tuple[str, str | None]]] = {}
         rest: list[tuple[Pending, PaymentResult]] = []
         for pending in batch:
             result = self.result_of(pending)
@@ -53,15 +52,15 @@ class PaymentResultHandler:
             if settled is None or result.order_id in first:
                 rest.append((pending, result))
             else:
-                first[result.order_id] = (pending, result, settled)
+                first[result.order_id] = (pending, result, settled.columns)
         moved = {
             row[0]
             for row in conn.execute(
                 queries.SETTLE_ORDERS,
                 {
                     "ids": list(first),
-                    "statuses": [s.columns[0] for _, _, s in first.values()],
-                    "reasons": [s.columns[1] for _, _, s in first.values()],
+                    "statuses": [status for _, _, (status, _) in first.values()],
+                    "reasons": [reason for _, _, (_, reason) in first.values()],
                 },
             ).fetchall()
         }

@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 MAX_BATCH: Final = 100
 
 Row = tuple[Any, ...]
+# A caller's order parameters and the future its row (or its error) is delivered to.
+Waiting = tuple[dict[str, Any], asyncio.Future[Row]]
 
 
 class OrderWriter:
@@ -36,7 +38,7 @@ class OrderWriter:
         callers are answered 503, whether or not the transaction went through."""
         self._pool = pool
         self._timeout = timeout
-        self._waiting: list[tuple[dict[str, Any], asyncio.Future[Row]]] = []
+        self._waiting: list[Waiting] = []
         self._arrived = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -58,8 +60,7 @@ class OrderWriter:
                 await self._task
             self._task = None
         waiting, self._waiting = self._waiting, []
-        for _, future in waiting:
-            _fail(future, psycopg.OperationalError("the Orders service is stopping"))
+        _fail_all(waiting, psycopg.OperationalError("the Orders service is stopping"))
 
     async def _run(self) -> None:
         while True:
@@ -71,21 +72,18 @@ class OrderWriter:
                 await self._write(batch)
             except Exception as exc:  # a bug here must not leave callers waiting, or stop us
                 log.exception("writing %d orders failed", len(batch))
-                for _, future in batch:
-                    _fail(future, exc)
+                _fail_all(batch, exc)
 
-    async def _write(self, batch: list[tuple[dict[str, Any], asyncio.Future[Row]]]) -> None:
+    async def _write(self, batch: list[Waiting]) -> None:
         try:
             async with asyncio.timeout(self._timeout):
                 rows = await self._insert([params for params, _ in batch])
         except TimeoutError:
-            unavailable = psycopg.OperationalError(f"writing orders took over {self._timeout} s")
-            for _, future in batch:
-                _fail(future, unavailable)
+            late = psycopg.OperationalError(f"writing orders took over {self._timeout} s")
+            _fail_all(batch, late)
             return
         except db.UNAVAILABLE as exc:  # the database is out of reach: every caller gets a 503
-            for _, future in batch:
-                _fail(future, exc)
+            _fail_all(batch, exc)
             return
         except Exception as exc:
             if len(batch) == 1:
@@ -123,3 +121,8 @@ class OrderWriter:
 def _fail(future: asyncio.Future[Row], exc: BaseException) -> None:
     if not future.done():
         future.set_exception(exc)
+
+
+def _fail_all(batch: list[Waiting], exc: BaseException) -> None:
+    for _, future in batch:
+        _fail(future, exc)
