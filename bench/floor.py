@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from bench import cpu, http1, report
+from bench import cpu, http1, load, report
 
 BODY = json.dumps({"user_id": "0190f7a4-0000-7d8e-9f00-aabbccddeeff", "amount": 1}).encode()
 JSON = {"Content-Type": "application/json"}
@@ -99,17 +99,14 @@ async def drive(
         errors += (await client.post("", BODY)).status != 201
         latencies.append(time.monotonic() - due)
 
-    loop = asyncio.get_running_loop()
     before = {name: ticks(pid) for name, pid in pids.items()}
     own_before, started = time.process_time(), time.monotonic()
-    count = round(rate * seconds)
-    tasks = []
-    for i in range(count):
-        due = started + i / rate
-        if (delay := due - time.monotonic()) > 0:
-            await asyncio.sleep(delay)
-        tasks.append(loop.create_task(one(due)))
-    await asyncio.gather(*tasks)
+    recorder = load.Recorder()
+    await load.on_schedule(
+        rate, seconds, started, lambda due: recorder.spawn(one(due)), clock=time.monotonic
+    )
+    await recorder.settle()
+    count = recorder.scheduled
     elapsed = time.monotonic() - started
     ms_per_request = {
         name: (ticks(pid) - before[name]) / cpu.CLOCK_TICKS / count * 1000

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +62,23 @@ class Recorder:
             await asyncio.gather(*list(self._in_flight))
 
 
+async def on_schedule(
+    rate: float,
+    seconds: float,
+    start: float,
+    send: Callable[[float], None],
+    clock: Callable[[], float] | None = None,
+) -> None:
+    """Call `send(due)` for `rate` requests per second over `seconds` from `start`, each at its
+    due time whatever the earlier ones are doing (`clock`: the event loop's by default)."""
+    now = clock or asyncio.get_running_loop().time
+    for i in range(round(rate * seconds)):
+        due = start + i / rate
+        if (delay := due - now()) > 0:
+            await asyncio.sleep(delay)
+        send(due)
+
+
 @dataclass(frozen=True)
 class Accounts:
     """The users orders are placed for; the underfunded ones run dry after a few orders."""
@@ -102,13 +119,12 @@ class OpenLoop:
         (answers still in flight are the recorder's)."""
         loop = asyncio.get_running_loop()
         start = self._next_at if self._next_at is not None else loop.time()
-        interval = 1 / rate
-        for i in range(round(rate * seconds)):
-            due = start + i * interval
-            delay = due - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            recorder.spawn(self._place(due, recorder, self._body(description)))
+        await on_schedule(
+            rate,
+            seconds,
+            start,
+            lambda due: recorder.spawn(self._place(due, recorder, self._body(description))),
+        )
         self._next_at = start + seconds
 
     def _body(self, description: str) -> bytes:
