@@ -73,6 +73,35 @@ async def created(_: bytes, writer: asyncio.StreamWriter) -> None:
     writer.write(answer(201))
 
 
+async def closes_after_answering(_: bytes, writer: asyncio.StreamWriter) -> None:
+    writer.write(answer(201))  # keep-alive by its headers, closed all the same
+    await writer.drain()
+    writer.close()
+
+
+def post_all(
+    respond: Respond,
+    bodies: list[bytes],
+    *,
+    connections: int = 1,
+    timeout: float = 5,
+    together: bool = False,
+) -> tuple[list[http1.Answer], Server]:
+    """POST each of `bodies` through one client, one after another or all at once; their
+    answers in order, and the server that saw them."""
+    answers: list[http1.Answer] = []
+
+    async def scenario(server: Server) -> None:
+        client = http1.Client(f"http://127.0.0.1:{server.port}", connections, timeout=timeout)
+        if together:
+            answers.extend(await asyncio.gather(*(client.post("/", body) for body in bodies)))
+        else:
+            answers.extend([await client.post("/", body) for body in bodies])
+        await client.close()
+
+    return answers, run_against(respond, scenario)
+
+
 def test_posts_the_body_and_reuses_one_connection() -> None:
     statuses: list[http1.Answer] = []
 
@@ -97,14 +126,7 @@ def test_never_opens_more_than_its_bound_and_everyone_gets_an_answer() -> None:
         await asyncio.sleep(0.05)
         writer.write(answer(201))
 
-    answers: list[http1.Answer] = []
-
-    async def scenario(server: Server) -> None:
-        client = http1.Client(f"http://127.0.0.1:{server.port}", 2, timeout=10)
-        answers.extend(await asyncio.gather(*(client.post("/", b"{}") for _ in range(7))))
-        await client.close()
-
-    server = run_against(slow, scenario)
+    answers, server = post_all(slow, [b"{}"] * 7, connections=2, timeout=10, together=True)
     assert [a.outcome for a in answers] == ["201"] * 7
     assert server.most_open == 2
     assert len(server.requests) == 7
@@ -143,15 +165,7 @@ def test_a_connection_the_server_breaks_is_reported_and_replaced() -> None:
             return
         writer.write(answer(503))
 
-    answers: list[http1.Answer] = []
-
-    async def scenario(server: Server) -> None:
-        client = http1.Client(f"http://127.0.0.1:{server.port}", 1, timeout=5)
-        answers.append(await client.post("/", b'"break"'))
-        answers.append(await client.post("/", b'"next"'))
-        await client.close()
-
-    server = run_against(breaks_once, scenario)
+    answers, server = post_all(breaks_once, [b'"break"', b'"next"'])
     assert [(a.status, a.outcome) for a in answers] == [(0, "connection"), (503, "503")]
     assert server.connections == 2
 
@@ -162,14 +176,7 @@ def test_connection_close_answers_are_not_reused() -> None:
         await writer.drain()
         writer.close()
 
-    answers: list[http1.Answer] = []
-
-    async def scenario(server: Server) -> None:
-        client = http1.Client(f"http://127.0.0.1:{server.port}", 1, timeout=5)
-        answers.extend([await client.post("/", b"{}"), await client.post("/", b"{}")])
-        await client.close()
-
-    server = run_against(closes, scenario)
+    answers, server = post_all(closes, [b"{}", b"{}"])
     assert [a.outcome for a in answers] == ["201", "201"]
     assert server.connections == 2
 
@@ -202,14 +209,7 @@ def test_interim_answers_are_skipped_for_the_final_one() -> None:
         await asyncio.sleep(0.01)
         writer.write(answer(201 if request.endswith(b'"first"') else 503))
 
-    answers: list[http1.Answer] = []
-
-    async def scenario(server: Server) -> None:
-        client = http1.Client(f"http://127.0.0.1:{server.port}", 1, timeout=5)
-        answers.extend([await client.post("/", b'"first"'), await client.post("/", b'"second"')])
-        await client.close()
-
-    server = run_against(hints_first, scenario)
+    answers, server = post_all(hints_first, [b'"first"', b'"second"'])
     assert [a.outcome for a in answers] == ["201", "503"]
     assert server.connections == 1
 
@@ -220,14 +220,7 @@ def test_a_body_that_ends_with_the_connection_counts_once_the_connection_ends() 
         await writer.drain()
         writer.close()
 
-    answers: list[http1.Answer] = []
-
-    async def scenario(server: Server) -> None:
-        client = http1.Client(f"http://127.0.0.1:{server.port}", 1, timeout=5)
-        answers.extend([await client.post("/", b"{}"), await client.post("/", b"{}")])
-        await client.close()
-
-    server = run_against(close_delimited, scenario)
+    answers, server = post_all(close_delimited, [b"{}", b"{}"])
     assert [a.outcome for a in answers] == ["201", "201"]
     assert server.connections == 2
 
@@ -258,11 +251,6 @@ def test_a_request_cancelled_by_its_caller_leaves_its_answer_behind() -> None:
 
 
 def test_an_idle_connection_the_server_closed_is_replaced_without_an_error() -> None:
-    async def closes_after_answering(_: bytes, writer: asyncio.StreamWriter) -> None:
-        writer.write(answer(201))  # keep-alive by its headers, closed all the same
-        await writer.drain()
-        writer.close()
-
     answers: list[http1.Answer] = []
 
     async def scenario(server: Server) -> None:
@@ -281,14 +269,7 @@ def test_an_unreadable_answer_is_a_connection_error_and_frees_the_slot() -> None
     async def garbage_once(request: bytes, writer: asyncio.StreamWriter) -> None:
         writer.write(b"NOT HTTP AT ALL\r\n\r\n" if request.endswith(b'"bad"') else answer(201))
 
-    answers: list[http1.Answer] = []
-
-    async def scenario(server: Server) -> None:
-        client = http1.Client(f"http://127.0.0.1:{server.port}", 1, timeout=5)
-        answers.extend([await client.post("/", b'"bad"'), await client.post("/", b'"good"')])
-        await client.close()
-
-    run_against(garbage_once, scenario)
+    answers, _ = post_all(garbage_once, [b'"bad"', b'"good"'])
     assert [a.outcome for a in answers] == ["connection", "201"]
 
 
@@ -300,16 +281,7 @@ def test_a_waiter_gets_a_fresh_connection_when_the_one_it_waited_for_broke() -> 
             return
         writer.write(answer(201))
 
-    answers: list[http1.Answer] = []
-
-    async def scenario(server: Server) -> None:
-        client = http1.Client(f"http://127.0.0.1:{server.port}", 1, timeout=5)
-        answers.extend(
-            await asyncio.gather(client.post("/", b'"break"'), client.post("/", b'"waits"'))
-        )
-        await client.close()
-
-    server = run_against(breaks_first, scenario)
+    answers, server = post_all(breaks_first, [b'"break"', b'"waits"'], together=True)
     assert [a.outcome for a in answers] == ["connection", "201"]
     assert server.connections == 2
 
@@ -338,19 +310,7 @@ def test_close_shuts_connections_still_in_flight_once_their_answers_are_in() -> 
 
 
 def test_waiters_never_get_a_connection_that_closed_after_it_was_handed_over() -> None:
-    async def closes_after_answering(_: bytes, writer: asyncio.StreamWriter) -> None:
-        writer.write(answer(201))  # keep-alive by its headers, closed all the same
-        await writer.drain()
-        writer.close()
-
-    answers: list[http1.Answer] = []
-
-    async def scenario(server: Server) -> None:
-        client = http1.Client(f"http://127.0.0.1:{server.port}", 1, timeout=5)
-        answers.extend(await asyncio.gather(*(client.post("/", b"{}") for _ in range(5))))
-        await client.close()
-
-    server = run_against(closes_after_answering, scenario)
+    answers, server = post_all(closes_after_answering, [b"{}"] * 5, together=True)
     assert [a.outcome for a in answers] == ["201"] * 5
     assert server.connections == 5
 
