@@ -128,6 +128,48 @@ def relay_outbox(pool: ConnectionPool, producer: Producer, config: Config) -> in
             return published
 
 
+def relay_while_busy(
+    relay: Callable[[], int],
+    hold: Callable[[], object],
+    release: Callable[[], object],
+    *,
+    interval: float,
+    linger: float,
+    min_batch: int = 3,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], object] = time.sleep,
+) -> int:
+    """One woken relay run (`relay` publishes what is pending and returns how many rows);
+    return how many rows it published in all.
+
+    At light load it relays once and is done, like a plain wake-up. Under load (a batch of
+    `min_batch` rows or more) it keeps going for up to `linger` seconds: it relays every
+    `interval`, gathering what was committed meanwhile, and holds the wake-up flag (`hold`)
+    so that the listener sends no wake-up the run would serve anyway; each of those costs
+    Redis round trips, a listener pass and a hand-off between Dramatiq's threads. Once a batch
+    comes short or the time is up, it drops the flag (`release`) and relays once more: what was
+    committed before that is published by this run, what is committed after it gets a wake-up
+    of its own. With `interval` 0 (no pacing) it never lingers."""
+    release()  # from here on a commit needs a wake-up: this run may have read past it
+    started = clock()
+    published = relay()
+    if published < min_batch or interval <= 0 or linger <= 0:
+        return published
+    deadline = started + linger
+    try:
+        while True:
+            hold()  # commits from here on are this run's to publish
+            sleep(max(0.0, started + interval - clock()))
+            started = clock()
+            batch = relay()
+            published += batch
+            if batch < min_batch or clock() >= deadline:
+                break
+    finally:
+        release()
+    return published + relay()
+
+
 def observe(pool_name: str, report: inbox.ApplyReport) -> None:
     """Count one apply batch in the process's metrics."""
     if report.claimed:

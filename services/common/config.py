@@ -99,6 +99,9 @@ class Config:
     # consumer takes a batch, at most once per interval; what arrives in between joins the next
     # batch. At light load nothing waits. 0: no pacing.
     batch_interval: float = field(default_factory=lambda: _env_float("BATCH_INTERVAL", 0.02))
+    # Seconds a relay woken under load keeps publishing a batch per BATCH_INTERVAL, with no
+    # further wake-ups, before it stops and waits for the next one.
+    relay_linger: float = field(default_factory=lambda: _env_float("RELAY_LINGER", 2))
     sweep_interval: float = field(default_factory=lambda: _env_float("SWEEP_INTERVAL", 2))
     purge_interval: float = field(default_factory=lambda: _env_float("PURGE_INTERVAL", 60))
     retention_hours: float = field(default_factory=lambda: _env_float("RETENTION_HOURS", 24))

@@ -9,7 +9,7 @@ import uuid
 import pytest
 from starlette.testclient import TestClient
 
-from actors.pipeline import Pacer, to_outgoing
+from actors.pipeline import Pacer, relay_while_busy, to_outgoing
 from services.common import api, validation
 from services.common.api import build_app
 from services.common.config import Config
@@ -152,3 +152,93 @@ def test_a_pacer_spaces_batches_by_its_interval_only_once_they_come_full() -> No
     paced = Pacer(0, min_batch=3, clock=lambda: now[0])
     paced.started(100)
     assert paced.remaining() == 0  # interval 0: no pacing at all
+
+
+class RelayScript:
+    """A relay run's surroundings, scripted: what each relay pass publishes, how long it takes,
+    and the order of everything the run did (relay, hold, release, sleep)."""
+
+    def __init__(self, batches: list[int], seconds_per_relay: float = 0.005) -> None:
+        self.batches = batches
+        self.seconds_per_relay = seconds_per_relay
+        self.now = 100.0
+        self.log: list[str] = []
+
+    def relay(self) -> int:
+        self.now += self.seconds_per_relay
+        batch = self.batches.pop(0) if self.batches else 0
+        self.log.append(f"relay {batch}")
+        return batch
+
+    def sleep(self, seconds: float) -> None:
+        assert seconds >= 0
+        self.now += seconds
+        self.log.append(f"sleep {seconds * 1000:.0f}")
+
+    def run(self, *, interval: float = 0.02, linger: float = 2.0) -> int:
+        return relay_while_busy(
+            self.relay,
+            hold=lambda: self.log.append("hold"),
+            release=lambda: self.log.append("release"),
+            interval=interval,
+            linger=linger,
+            clock=lambda: self.now,
+            sleep=self.sleep,
+        )
+
+
+def test_a_relay_woken_at_light_load_publishes_once_and_lets_the_next_commit_wake_it() -> None:
+    script = RelayScript([2])
+    assert script.run() == 2
+    assert script.log == ["release", "relay 2"]  # no lingering, no flag held
+
+
+def test_a_relay_woken_under_load_keeps_publishing_each_interval_holding_the_flag() -> None:
+    script = RelayScript([10, 8, 5, 1])
+    assert script.run() == 24
+    # Each pass starts an interval after the one before (15 ms of sleep after a 5 ms pass);
+    # once a batch comes short the flag goes, and one last pass reads what came before that.
+    assert script.log == [
+        "release", "relay 10",
+        "hold", "sleep 15", "relay 8",
+        "hold", "sleep 15", "relay 5",
+        "hold", "sleep 15", "relay 1",
+        "release", "relay 0",
+    ]  # fmt: skip
+
+
+def test_a_lingering_relay_stops_when_its_time_is_up_even_under_load() -> None:
+    script = RelayScript([50] * 1000)
+    script.run(interval=0.02, linger=0.1)
+    passes = script.log.count("relay 50")
+    assert 5 <= passes <= 7  # one every 20 ms for 100 ms, then the last one after release
+    assert script.log[-2:] == ["release", "relay 50"]
+    assert script.log.count("release") == 2
+
+
+def test_a_relay_without_pacing_or_linger_never_lingers() -> None:
+    for interval, linger in ((0.0, 2.0), (0.02, 0.0)):
+        script = RelayScript([10, 10])
+        assert script.run(interval=interval, linger=linger) == 10
+        assert script.log == ["release", "relay 10"]
+
+
+def test_a_lingering_relay_that_fails_drops_the_flag() -> None:
+    script = RelayScript([10])
+
+    def failing() -> int:
+        if script.log.count("hold"):
+            raise RuntimeError("kafka is down")
+        return script.relay()
+
+    with pytest.raises(RuntimeError):
+        relay_while_busy(
+            failing,
+            hold=lambda: script.log.append("hold"),
+            release=lambda: script.log.append("release"),
+            interval=0.02,
+            linger=2.0,
+            clock=lambda: script.now,
+            sleep=script.sleep,
+        )
+    assert script.log[-1] == "release"  # the listener may wake the next run at once
