@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -44,6 +44,23 @@ class ChargeResult:
 
 
 PAID = ChargeResult(PaymentStatus.PAID)
+
+
+def in_rounds(requests: Sequence[PaymentRequest]) -> list[list[PaymentRequest]]:
+    """Split a batch, in arrival order, into rounds that one set-based debit each can charge:
+    no user and no order twice in a round (a statement updates a row once, and sees neither its
+    own ledger rows nor its own earlier debits), and each user's requests in arrival order from
+    one round to the next. Users are independent, so most batches are one round."""
+    rounds: list[list[PaymentRequest]] = []
+    next_of_user: dict[uuid.UUID, int] = {}
+    next_of_order: dict[uuid.UUID, int] = {}
+    for request in requests:
+        i = max(next_of_user.get(request.user_id, 0), next_of_order.get(request.order_id, 0))
+        if i == len(rounds):
+            rounds.append([])
+        rounds[i].append(request)
+        next_of_user[request.user_id] = next_of_order[request.order_id] = i + 1
+    return rounds
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import psycopg
@@ -26,6 +27,7 @@ from services.payments.domain import (
     PaymentRequest,
     PaymentStatus,
     decide_charge,
+    in_rounds,
     parse_payment_request,
 )
 
@@ -38,6 +40,49 @@ def charge_order(conn: psycopg.Connection[Any], request: PaymentRequest, result_
     paid = answer(result_topic, request, PAID)
     if conn.execute(queries.DEBIT, params | paid).fetchone() is not None:
         return  # debited now, and the paid answer written by the same statement
+    answer_undebited(conn, request, result_topic)
+
+
+def charge_round(
+    conn: psycopg.Connection[Any], requests: Sequence[PaymentRequest], result_topic: str
+) -> None:
+    """`charge_order` for a round of requests (`in_rounds`: no user or order twice): one
+    statement debits, and answers paid, every one the balance covers; each of the others is
+    answered as `charge_order` would."""
+    paid = [answer(result_topic, request, PAID) for request in requests]
+    debited = {
+        row[0]
+        for row in conn.execute(
+            queries.DEBIT_ALL,
+            {
+                "order_ids": [r.order_id for r in requests],
+                "user_ids": [r.user_id for r in requests],
+                "amounts": [r.amount for r in requests],
+                **{param: [row[column] for row in paid] for column, param in ANSWER_COLUMNS},
+            },
+        ).fetchall()
+    }
+    for request in requests:
+        if request.order_id not in debited:
+            answer_undebited(conn, request, result_topic)
+
+
+# The outbox columns of an answer, and the DEBIT_ALL parameter that takes them as an array.
+ANSWER_COLUMNS = (
+    ("event_id", "event_ids"),
+    ("topic", "topics"),
+    ("key", "keys"),
+    ("payload", "payloads"),
+    ("headers", "headers"),
+)
+
+
+def answer_undebited(
+    conn: psycopg.Connection[Any], request: PaymentRequest, result_topic: str
+) -> None:
+    """Answer a request the debit statement did not debit: paid if an earlier delivery of the
+    order was, else declined (once, with the reason it was or is declined for)."""
+    params = {"order_id": request.order_id, "user_id": request.user_id, "amount": request.amount}
     facts = conn.execute(queries.CHARGE_FACTS, params).fetchone()
     assert facts is not None  # a SELECT without FROM always returns its one row
     account_exists, debited_before, declined_reason = facts
@@ -58,15 +103,29 @@ def answer(result_topic: str, request: PaymentRequest, result: ChargeResult) -> 
     return outbox.row(result_topic, str(request.user_id), envelope)
 
 
-def make_handler(config: Config) -> ApplyHandler:
-    """The handler `inbox.apply_pending` calls for each event Payments received."""
-    requested_topic = config.topic(TOPIC_PAYMENT_REQUESTED)
-    result_topic = config.topic(TOPIC_PAYMENT_RESULT)
+class PaymentRequestHandler:
+    """The Payments inbox handler for `config`'s topic names: a payment request is charged
+    once. `inbox` calls `apply_all` for a batch (a statement per round of `in_rounds`, most
+    often one) and the handler itself for one event."""
 
-    def apply_payment_request(conn: psycopg.Connection[Any], pending: Pending) -> None:
-        if pending.topic != requested_topic:
+    def __init__(self, config: Config) -> None:
+        self.requested_topic = config.topic(TOPIC_PAYMENT_REQUESTED)
+        self.result_topic = config.topic(TOPIC_PAYMENT_RESULT)
+
+    def request_of(self, pending: Pending) -> PaymentRequest:
+        if pending.topic != self.requested_topic:
             raise PoisonMessage(f"payments does not consume topic {pending.topic!r}")
         envelope = events.decode(pending.payload, TYPE_PAYMENT_REQUESTED)
-        charge_order(conn, parse_payment_request(envelope.payload), result_topic)
+        return parse_payment_request(envelope.payload)
 
-    return apply_payment_request
+    def __call__(self, conn: psycopg.Connection[Any], pending: Pending) -> None:
+        charge_order(conn, self.request_of(pending), self.result_topic)
+
+    def apply_all(self, conn: psycopg.Connection[Any], batch: Sequence[Pending]) -> None:
+        for requests in in_rounds([self.request_of(pending) for pending in batch]):
+            charge_round(conn, requests, self.result_topic)
+
+
+def make_handler(config: Config) -> ApplyHandler:
+    """The handler `inbox.apply_pending` calls for each event Payments received."""
+    return PaymentRequestHandler(config)

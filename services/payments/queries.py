@@ -75,6 +75,37 @@ WITH debit AS (
 SELECT account_id FROM entry
 """
 
+# DEBIT for a round of requests (`domain.in_rounds`: no user and no order twice), in one
+# statement, each with the same guards; returns the orders it debited. An order not returned
+# takes the one-request path (CHARGE_FACTS) to learn why.
+DEBIT_ALL: Final = """
+WITH request AS (
+    SELECT *
+    FROM unnest(%(order_ids)s::uuid[], %(user_ids)s::uuid[], %(amounts)s::bigint[],
+                %(event_ids)s::uuid[], %(topics)s::text[], %(keys)s::text[],
+                %(payloads)s::jsonb[], %(headers)s::jsonb[])
+         WITH ORDINALITY AS r (order_id, user_id, amount, event_id, topic, key, payload, headers, n)
+), debit AS (
+    UPDATE accounts
+    SET balance = balance - request.amount, updated_at = now()
+    FROM request
+    WHERE accounts.user_id = request.user_id
+      AND accounts.balance >= request.amount
+      AND NOT EXISTS (
+          SELECT 1 FROM ledger WHERE ledger.order_id = request.order_id AND kind = 'debit')
+      AND NOT EXISTS (
+          SELECT 1 FROM declined_orders WHERE declined_orders.order_id = request.order_id)
+    RETURNING accounts.id AS account_id, request.*
+), entry AS (
+    INSERT INTO ledger (account_id, kind, amount, order_id)
+    SELECT account_id, 'debit', amount, order_id FROM debit ORDER BY n
+), paid AS (
+    INSERT INTO outbox (event_id, topic, key, payload, headers)
+    SELECT event_id, topic, key, payload, headers FROM debit ORDER BY n
+)
+SELECT order_id FROM debit
+"""
+
 # Why DEBIT changed nothing: (account exists, order debited before, reason declined before).
 CHARGE_FACTS: Final = """
 SELECT

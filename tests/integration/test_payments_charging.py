@@ -30,7 +30,7 @@ from services.common.ids import uuid7
 from services.common.inbox import ApplyHandler, ApplyReport, Pending, Received
 from services.payments import queries
 from services.payments.domain import new_account
-from services.payments.handlers import make_handler
+from services.payments.handlers import PaymentRequestHandler, make_handler
 
 MAX_ATTEMPTS = 3
 PAID = {"status": "paid", "reason": None}
@@ -177,6 +177,50 @@ def test_a_batch_that_applies_cleanly_marks_every_event_processed_once(
     assert marks == [(1, True, None)] * 3
     assert balance_of(payments_db, user_id) == 40
     assert apply(payments_db, handler) == ApplyReport()
+
+
+def test_a_batch_of_many_users_is_charged_as_each_order_alone_would_be(
+    payments_db: psycopg.Connection[Any], config: Config
+) -> None:
+    # One batch: users interleaved, one short of money, one without an account, one order
+    # delivered twice. The handler's batch path (a statement per round of users) must give the
+    # answers and balances that charging the orders one by one in arrival order gives, by
+    # itself: the applier would hide a failing batch path by redoing the batch event by event.
+    rich, poor = open_account(payments_db, balance=100), open_account(payments_db, balance=50)
+    batch: list[Pending] = []
+
+    def pending(user_id: uuid.UUID, amount: int, order_id: uuid.UUID | None = None) -> uuid.UUID:
+        order_id = order_id or uuid7()
+        envelope = payment_requested(order_id, user_id, amount)
+        raw = events.encode(envelope.to_json())
+        batch.append(
+            Pending(envelope.event_id, config.topic(TOPIC_PAYMENT_REQUESTED), None, raw, 0)
+        )
+        return order_id
+
+    first, poor_paid, second = pending(rich, 60), pending(poor, 40), pending(rich, 30)
+    poor_short, missing = pending(poor, 20), pending(uuid7(), 10)
+    pending(rich, 60, order_id=first)
+    third_short, last = pending(rich, 20), pending(rich, 10)
+
+    with payments_db.transaction():
+        PaymentRequestHandler(config).apply_all(payments_db, batch)
+
+    assert results_of(payments_db, first) == [PAID, PAID]
+    assert debits_of(payments_db, first) == [60]
+    assert results_of(payments_db, second) == [PAID]
+    assert results_of(payments_db, third_short) == [SHORT]
+    assert results_of(payments_db, last) == [PAID]
+    assert results_of(payments_db, poor_paid) == [PAID]
+    assert results_of(payments_db, poor_short) == [SHORT]
+    assert results_of(payments_db, missing) == [NO_ACCOUNT]
+    assert balance_of(payments_db, rich) == 0
+    assert balance_of(payments_db, poor) == 10
+    # Each user's answers are in the outbox in the order the user's orders arrived.
+    answered = [r["order_id"] for r in results(payments_db)]
+    rich_orders = [str(o) for o in (first, second, first, third_short, last)]
+    assert [o for o in answered if o in rich_orders] == rich_orders
+    assert answered.index(str(poor_paid)) < answered.index(str(poor_short))
 
 
 def test_the_result_event_goes_to_the_result_topic_keyed_by_user(

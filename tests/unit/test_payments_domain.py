@@ -14,6 +14,7 @@ from services.payments.domain import (
     PaymentRequest,
     PaymentStatus,
     decide_charge,
+    in_rounds,
     new_account,
     parse_payment_request,
 )
@@ -128,3 +129,34 @@ def test_an_account_opened_for_a_user_gets_its_own_id() -> None:
     assert ids.user_id == USER_ID
     assert ids.account_id != USER_ID
     assert ids.account_id != new_account(USER_ID).account_id
+
+
+def test_a_batch_is_split_into_rounds_with_each_user_and_order_once_in_arrival_order() -> None:
+    a, b, c = (uuid.UUID(int=n) for n in (1, 2, 3))
+    order = [uuid.UUID(int=100 + n) for n in range(7)]
+    batch = [
+        PaymentRequest(order[0], a, 1),
+        PaymentRequest(order[1], b, 1),
+        PaymentRequest(order[2], a, 2),
+        PaymentRequest(order[3], c, 1),
+        PaymentRequest(order[0], a, 1),  # the first order again, under another event
+        PaymentRequest(order[4], b, 2),
+        PaymentRequest(order[5], c, 2),
+    ]
+    rounds = in_rounds(batch)
+    assert [[(r.order_id, r.user_id) for r in round_] for round_ in rounds] == [
+        [(order[0], a), (order[1], b), (order[3], c)],
+        [(order[2], a), (order[4], b), (order[5], c)],
+        [(order[0], a)],
+    ]
+    # An order is placed after its user's earlier requests even when it is new.
+    assert in_rounds([batch[0], batch[0], batch[2]]) == [[batch[0]], [batch[0]], [batch[2]]]
+    assert in_rounds([]) == []
+    # A malformed redelivery naming another user still never meets its order in one round.
+    again_for_b = PaymentRequest(order[0], b, 1)
+    assert in_rounds([batch[0], again_for_b]) == [[batch[0]], [again_for_b]]
+
+
+def test_requests_of_different_users_share_one_round() -> None:
+    batch = [PaymentRequest(uuid.UUID(int=n), uuid.UUID(int=1000 + n), 5) for n in range(50)]
+    assert in_rounds(batch) == [batch]
