@@ -27,8 +27,8 @@ INSERT_PROCESSED: Final = """
 INSERT INTO inbox (event_id, topic, key, kafka_partition, kafka_offset, payload, processed_at,
                    attempts)
 SELECT event_id, topic, key, kafka_partition, kafka_offset, payload, clock_timestamp(), 1
-FROM unnest(%(event_ids)s::uuid[], %(topics)s::text[], %(keys)s::text[], %(partitions)s::int[],
-            %(offsets)s::bigint[], %(payloads)s::bytea[])
+FROM unnest(%(event_ids)b::uuid[], %(topics)b::text[], %(keys)b::text[], %(partitions)b::int[],
+            %(offsets)b::bigint[], %(payloads)b::bytea[])
      WITH ORDINALITY AS m (event_id, topic, key, kafka_partition, kafka_offset, payload, n)
 ORDER BY n
 ON CONFLICT (event_id) DO NOTHING
@@ -38,7 +38,7 @@ RETURNING seq, event_id, topic, key, payload
 # Some event of a batch recorded as processed failed: the batch is pending again, to be applied
 # event by event.
 UNMARK_ALL: Final = """
-UPDATE inbox SET processed_at = NULL, attempts = 0 WHERE event_id = ANY(%(event_ids)s)
+UPDATE inbox SET processed_at = NULL, attempts = 0 WHERE event_id = ANY(%(event_ids)b)
 """
 
 # Arrival order keeps one user's events in the order Kafka delivered them.
@@ -58,7 +58,7 @@ WHERE event_id = %(event_id)s
 
 MARK_ALL_PROCESSED: Final = """
 UPDATE inbox SET processed_at = clock_timestamp(), attempts = attempts + 1
-WHERE event_id = ANY(%(event_ids)s)
+WHERE event_id = ANY(%(event_ids)b)
 """
 
 RECORD_FAILURE: Final = """

@@ -24,7 +24,7 @@ LIMIT %(limit)s
 FOR UPDATE SKIP LOCKED
 """
 
-MARK_PUBLISHED: Final = "UPDATE outbox SET published_at = clock_timestamp() WHERE id = ANY(%(ids)s)"
+MARK_PUBLISHED: Final = "UPDATE outbox SET published_at = clock_timestamp() WHERE id = ANY(%(ids)b)"
 
 PURGE: Final = """
 DELETE FROM outbox

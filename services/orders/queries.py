@@ -64,7 +64,7 @@ WHERE id = %(id)s AND (status = 'new') IS TRUE
 SETTLE_ORDERS: Final = """
 UPDATE orders
 SET status = result.status, reason = result.reason, updated_at = clock_timestamp()
-FROM unnest(%(ids)s::uuid[], %(statuses)s::text[], %(reasons)s::text[])
+FROM unnest(%(ids)b::uuid[], %(statuses)b::text[], %(reasons)b::text[])
      AS result (id, status, reason)
 WHERE orders.id = result.id AND (orders.status = 'new') IS TRUE
 RETURNING orders.id

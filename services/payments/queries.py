@@ -81,9 +81,9 @@ SELECT account_id FROM entry
 DEBIT_ALL: Final = """
 WITH request AS (
     SELECT *
-    FROM unnest(%(order_ids)s::uuid[], %(user_ids)s::uuid[], %(amounts)s::bigint[],
-                %(event_ids)s::uuid[], %(topics)s::text[], %(keys)s::text[],
-                %(payloads)s::jsonb[], %(headers)s::jsonb[])
+    FROM unnest(%(order_ids)b::uuid[], %(user_ids)b::uuid[], %(amounts)b::bigint[],
+                %(event_ids)b::uuid[], %(topics)b::text[], %(keys)b::text[],
+                %(payloads)b::jsonb[], %(headers)b::jsonb[])
          WITH ORDINALITY AS r (order_id, user_id, amount, event_id, topic, key, payload, headers, n)
 ), debit AS (
     UPDATE accounts
