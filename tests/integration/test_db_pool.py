@@ -63,6 +63,24 @@ def test_a_connection_used_a_moment_ago_is_not_checked_again(
         asyncio.run(scenario())
 
 
+def test_the_workers_pool_checks_only_connections_idle_for_a_while(
+    orders_url: str, orders_db: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The actors' and consumers' (sync) pool makes the same trade-off as the services' pool.
+    config = Config(orders_database_url=orders_url)
+    with db.sync_pool(config, "orders", NAME, size=1) as pool:
+        with pool.connection() as conn:
+            conn.execute("SELECT 1")
+        monkeypatch.setattr(db, "CHECK_AFTER_IDLE_SECONDS", 3600.0)
+        kill_pool_connections(orders_db)
+        with pytest.raises(psycopg.OperationalError), pool.connection() as conn:
+            conn.execute("SELECT 1")  # returned a moment ago: not checked, so it fails
+        monkeypatch.setattr(db, "CHECK_AFTER_IDLE_SECONDS", 0.0)
+        kill_pool_connections(orders_db)
+        with pool.connection() as conn:  # checked on checkout, and replaced
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
 def test_service_statements_autocommit(orders_url: str) -> None:
     async def scenario() -> Any:
         pool = db.async_pool(Config(orders_database_url=orders_url), "orders", NAME)
