@@ -48,7 +48,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ramp-step", type=float, default=50.0)
     p.add_argument("--ramp-step-seconds", type=float, default=10.0)
     p.add_argument("--ramp-max", type=float, default=3000.0)
-    p.add_argument("--ramp-patience", type=int, default=2, help="flat steps before stopping")
+    p.add_argument(
+        "--ramp-patience",
+        type=int,
+        default=2,
+        help="flat steps, or steps over 5%% errors, in a row before stopping",
+    )
     p.add_argument("--window", type=int, default=20, help="seconds a sustained rate must last")
     p.add_argument(
         "--drain-timeout", type=float, default=60.0, help="give up after this long without progress"

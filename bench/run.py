@@ -161,7 +161,7 @@ class Run:
         start = self.now()
         since = self.clock.db_epoch(start) - 2
         before = await self.sample()
-        rate, best, flat = s.ramp_start, 0.0, 0
+        rate, best, flat, erring = s.ramp_start, 0.0, 0, 0
         steps: list[dict[str, Any]] = []
         stop_reason = ""
         while not stop_reason:
@@ -205,8 +205,14 @@ class Run:
                 best, flat = step_rate, 0
             else:
                 flat += 1
-            if done and errors > 0.05 * len(done):
-                stop_reason = f"errors exploded at {rate:.0f}/s ({errors} of {len(done)})"
+            # One step's refusals can be a passing burst (autovacuum on a hot table): errors
+            # stop the ramp only in `ramp_patience` steps in a row.
+            erring = erring + 1 if done and errors > 0.05 * len(done) else 0
+            if erring >= s.ramp_patience:
+                stop_reason = (
+                    f"errors exploded at {rate:.0f}/s ({errors} of {len(done)}, "
+                    f"{erring} steps in a row over 5%)"
+                )
             elif new > rate * 10:
                 stop_reason = f"backlog exploded at {rate:.0f}/s ({new} orders still new)"
             elif flat >= s.ramp_patience:
