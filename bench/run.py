@@ -60,8 +60,8 @@ class Settings:
     underfunded: float = 0.1
     rates: tuple[float, ...] = (200.0, 500.0)
     duration: float = 30.0
-    warmup: float = 5.0
-    warmup_rate: float = 20.0
+    warmup: float = 20.0
+    warmup_rate: float = 200.0
     ramp_start: float = 100.0
     ramp_step: float = 50.0
     ramp_step_seconds: float = 10.0
