@@ -126,7 +126,7 @@ ACTOR_OPTIONS: dict[str, Any] = {
 # A wake-up that is queued and not yet started makes another one redundant: the run it starts
 # reads every row committed before it. So a wake-up is sent only when no flag is set, and the
 # actor clears the flag when it starts. A relay run that lingers under load holds the flag
-# while it is still going to read the outbox again (`pipeline.relay_while_busy`). The flag
+# while it is still going to read the outbox again (`pipeline.LingeringRelay`). The flag
 # expires on its own, so a lost message or a killed worker holds back wake-ups for at most
 # WAKE_FLAG_MS (and the sweeper runs anyway).
 WAKE_FLAG_MS = 1_000
@@ -162,22 +162,16 @@ def declare(service: str, make_handler: Callable[[Config], ApplyHandler]) -> Ser
     relay_flag = wake_flag(relay_name)
 
     # Actors return nothing: Dramatiq warns about every returned value without a result backend.
-    lingering = threading.Lock()
+    relay = pipeline.LingeringRelay(
+        lambda: pipeline.relay_outbox(resources.pool(), resources.producer(), config),
+        hold=lambda: broker.client.set(relay_flag, b"1", px=WAKE_FLAG_MS),
+        release=lambda: broker.client.delete(relay_flag),
+        interval=config.batch_interval,
+        linger=config.relay_linger,
+    )
 
     def relay_outbox() -> None:
-        # Another thread's run lingering already serves what comes: this one relays once.
-        linger = lingering.acquire(blocking=False)
-        try:
-            pipeline.relay_while_busy(
-                lambda: pipeline.relay_outbox(resources.pool(), resources.producer(), config),
-                hold=lambda: broker.client.set(relay_flag, b"1", px=WAKE_FLAG_MS),
-                release=lambda: broker.client.delete(relay_flag),
-                interval=config.batch_interval,
-                linger=config.relay_linger if linger else 0,
-            )
-        finally:
-            if linger:
-                lingering.release()
+        relay.run()
 
     def apply_inbox() -> None:
         pipeline.apply_inbox(resources.pool(), resources.handler(), config)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -128,46 +129,85 @@ def relay_outbox(pool: ConnectionPool, producer: Producer, config: Config) -> in
             return published
 
 
-def relay_while_busy(
-    relay: Callable[[], int],
-    hold: Callable[[], object],
-    release: Callable[[], object],
-    *,
-    interval: float,
-    linger: float,
-    min_batch: int = 3,
-    clock: Callable[[], float] = time.monotonic,
-    sleep: Callable[[float], object] = time.sleep,
-) -> int:
-    """One woken relay run (`relay` publishes what is pending and returns how many rows);
-    return how many rows it published in all.
+# A relay run lingers this long at most, whatever RELAY_LINGER says: a worker's shutdown waits
+# for its running actors for 15 s (supervisord's and compose's --worker-shutdown-timeout).
+MAX_LINGER: Final = 10.0
 
-    At light load it relays once and is done, like a plain wake-up. Under load (a batch of
+
+class LingeringRelay:
+    """A service's relay runs in one worker process (`run` is the actor's body; `relay`
+    publishes what is pending and returns how many rows).
+
+    At light load a run relays once and is done, like a plain wake-up. Under load (a batch of
     `min_batch` rows or more) it keeps going for up to `linger` seconds: it relays every
     `interval`, gathering what was committed meanwhile, and holds the wake-up flag (`hold`)
     so that the listener sends no wake-up the run would serve anyway; each of those costs
     Redis round trips, a listener pass and a hand-off between Dramatiq's threads. Once a batch
     comes short or the time is up, it drops the flag (`release`) and relays once more: what was
     committed before that is published by this run, what is committed after it gets a wake-up
-    of its own. With `interval` 0 (no pacing) it never lingers."""
-    release()  # from here on a commit needs a wake-up: this run may have read past it
-    started = clock()
-    published = relay()
-    if published < min_batch or interval <= 0 or linger <= 0:
-        return published
-    deadline = started + linger
-    try:
-        while True:
-            hold()  # commits from here on are this run's to publish
-            sleep(max(0.0, started + interval - clock()))
-            started = clock()
-            batch = relay()
-            published += batch
-            if batch < min_batch or clock() >= deadline:
-                break
-    finally:
-        release()
-    return published + relay()
+    of its own. With `interval` 0 (no pacing) it never lingers.
+
+    One run lingers at a time. A run woken while another holds the flag (the flag expired, or
+    the listener woke it just before the other took the flag) has nothing to do: the holder
+    relays again after it, at the latest in its last pass. A run that fails lingering drops
+    the flag, and Dramatiq's retry of it (a fraction of a second later) publishes what was
+    committed while it held it, as for any failed run."""
+
+    def __init__(
+        self,
+        relay: Callable[[], int],
+        hold: Callable[[], object],
+        release: Callable[[], object],
+        *,
+        interval: float,
+        linger: float,
+        min_batch: int = 3,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], object] = time.sleep,
+    ) -> None:
+        self._relay, self._hold, self._release = relay, hold, release
+        self.interval, self.linger, self.min_batch = interval, min(linger, MAX_LINGER), min_batch
+        self._clock, self._sleep = clock, sleep
+        self._state = threading.Lock()
+        self._lingering = False  # a run of this process may linger (at most one)
+        self._holding = False  # ... and holds the flag: it will relay again
+
+    def run(self) -> int:
+        """One woken run; return how many rows it published."""
+        with self._state:
+            if self._holding:
+                return 0
+            may_linger, self._lingering = not self._lingering, True
+        try:
+            return self._run(self.linger if may_linger else 0.0)
+        finally:
+            if may_linger:
+                with self._state:
+                    self._lingering = self._holding = False
+
+    def _run(self, linger: float) -> int:
+        self._release()  # from here on a commit needs a wake-up: this run may read past it
+        started = self._clock()
+        published = self._relay()
+        if published < self.min_batch or self.interval <= 0 or linger <= 0:
+            return published
+        deadline = started + linger
+        try:
+            while True:
+                with self._state:
+                    self._holding = True
+                self._hold()  # commits from here on are this run's to publish
+                self._sleep(max(0.0, started + self.interval - self._clock()))
+                started = self._clock()
+                batch = self._relay()
+                published += batch
+                if batch < self.min_batch or self._clock() >= deadline:
+                    break
+        finally:
+            with self._state:
+                self._holding = False
+            self._release()
+        return published + self._relay()
 
 
 def observe(pool_name: str, report: inbox.ApplyReport) -> None:

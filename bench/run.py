@@ -208,7 +208,7 @@ class Run:
             # One step's refusals can be a passing burst (autovacuum on a hot table): errors
             # stop the ramp only in `ramp_patience` steps in a row.
             erring = erring + 1 if done and errors > 0.05 * len(done) else 0
-            if erring >= s.ramp_patience:
+            if erring >= max(1, s.ramp_patience):
                 stop_reason = (
                     f"errors exploded at {rate:.0f}/s ({errors} of {len(done)}, "
                     f"{erring} steps in a row over 5%)"

@@ -38,7 +38,7 @@ RETURNING seq, event_id, topic, key, payload
 # Some event of a batch recorded as processed failed: the batch is pending again, to be applied
 # event by event.
 UNMARK_ALL: Final = """
-UPDATE inbox SET processed_at = NULL, attempts = 0 WHERE event_id = ANY(%(event_ids)b)
+UPDATE inbox SET processed_at = NULL, attempts = 0 WHERE event_id = ANY(%(event_ids)b::uuid[])
 """
 
 # Arrival order keeps one user's events in the order Kafka delivered them.
@@ -58,7 +58,7 @@ WHERE event_id = %(event_id)s
 
 MARK_ALL_PROCESSED: Final = """
 UPDATE inbox SET processed_at = clock_timestamp(), attempts = attempts + 1
-WHERE event_id = ANY(%(event_ids)b)
+WHERE event_id = ANY(%(event_ids)b::uuid[])
 """
 
 RECORD_FAILURE: Final = """

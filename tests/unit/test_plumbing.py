@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable
 
 import pytest
 from starlette.testclient import TestClient
 
-from actors.pipeline import Pacer, relay_while_busy, to_outgoing
+from actors.pipeline import MAX_LINGER, LingeringRelay, Pacer, to_outgoing
 from services.common import api, validation
 from services.common.api import build_app
 from services.common.config import Config
@@ -155,14 +156,15 @@ def test_a_pacer_spaces_batches_by_its_interval_only_once_they_come_full() -> No
 
 
 class RelayScript:
-    """A relay run's surroundings, scripted: what each relay pass publishes, how long it takes,
-    and the order of everything the run did (relay, hold, release, sleep)."""
+    """A relay's surroundings, scripted: what each relay pass publishes, how long it takes,
+    and the order of everything the runs did (relay, hold, release, sleep)."""
 
     def __init__(self, batches: list[int], seconds_per_relay: float = 0.005) -> None:
         self.batches = batches
         self.seconds_per_relay = seconds_per_relay
         self.now = 100.0
         self.log: list[str] = []
+        self.during_sleep: Callable[[], object] = lambda: None
 
     def relay(self) -> int:
         self.now += self.seconds_per_relay
@@ -174,10 +176,13 @@ class RelayScript:
         assert seconds >= 0
         self.now += seconds
         self.log.append(f"sleep {seconds * 1000:.0f}")
+        self.during_sleep()
 
-    def run(self, *, interval: float = 0.02, linger: float = 2.0) -> int:
-        return relay_while_busy(
-            self.relay,
+    def relayer(
+        self, *, interval: float = 0.02, linger: float = 2.0, relay: Callable[[], int] | None = None
+    ) -> LingeringRelay:
+        return LingeringRelay(
+            relay or self.relay,
             hold=lambda: self.log.append("hold"),
             release=lambda: self.log.append("release"),
             interval=interval,
@@ -185,6 +190,9 @@ class RelayScript:
             clock=lambda: self.now,
             sleep=self.sleep,
         )
+
+    def run(self, *, interval: float = 0.02, linger: float = 2.0) -> int:
+        return self.relayer(interval=interval, linger=linger).run()
 
 
 def test_a_relay_woken_at_light_load_publishes_once_and_lets_the_next_commit_wake_it() -> None:
@@ -214,6 +222,9 @@ def test_a_lingering_relay_stops_when_its_time_is_up_even_under_load() -> None:
     assert 5 <= passes <= 7  # one every 20 ms for 100 ms, then the last one after release
     assert script.log[-2:] == ["release", "relay 50"]
     assert script.log.count("release") == 2
+    long = RelayScript([50] * 10_000)
+    long.run(interval=0.02, linger=3600)
+    assert long.log.count("relay 50") <= MAX_LINGER / 0.02 + 2  # a worker must be able to stop
 
 
 def test_a_relay_without_pacing_or_linger_never_lingers() -> None:
@@ -223,22 +234,63 @@ def test_a_relay_without_pacing_or_linger_never_lingers() -> None:
         assert script.log == ["release", "relay 10"]
 
 
+def test_a_run_woken_while_another_holds_the_flag_leaves_the_work_to_it() -> None:
+    script = RelayScript([10, 10, 10, 1])
+    relayer = script.relayer()
+    second_runs: list[int] = []
+
+    def second_run() -> None:  # another worker thread, woken while the first one sleeps
+        if not second_runs:
+            script.log.append("second run")
+            second_runs.append(relayer.run())
+
+    script.during_sleep = second_run
+    assert relayer.run() == 31
+    assert second_runs == [0]  # it neither dropped the flag nor relayed
+    assert script.log[:4] == ["release", "relay 10", "hold", "sleep 15"]
+    assert script.log[4:6] == ["second run", "relay 10"]  # the holder relays after it
+    # Once the holder is done, a run works as usual again.
+    script.batches = [2]
+    assert relayer.run() == 2
+
+
+def test_a_run_woken_while_another_lingers_without_the_flag_relays_once() -> None:
+    # Between the lingering run's first pass and its taking the flag, or during its last
+    # pass, a second run relays once itself and never lingers.
+    script = RelayScript([10, 10, 10, 1])
+    second: list[str] = []
+
+    def relay_and_wake_another() -> int:
+        batch = script.relay()
+        if not second:  # during the first pass
+            second.append("started")
+            script.log.append("second run")
+            second.append(str(relayer.run()))
+        return batch
+
+    relayer = script.relayer(relay=relay_and_wake_another)
+    relayer.run()
+    assert second == ["started", "10"]
+    assert script.log[:5] == ["release", "relay 10", "second run", "release", "relay 10"]
+    assert script.log.count("hold") == 2  # only the first run held the flag
+
+
 def test_a_lingering_relay_that_fails_drops_the_flag() -> None:
     script = RelayScript([10])
+    kafka_down = False
 
-    def failing() -> int:
-        if script.log.count("hold"):
+    def failing_once_it_holds() -> int:
+        nonlocal kafka_down
+        kafka_down = kafka_down or "hold" in script.log
+        if kafka_down:
             raise RuntimeError("kafka is down")
         return script.relay()
 
+    relayer = script.relayer(relay=failing_once_it_holds)
     with pytest.raises(RuntimeError):
-        relay_while_busy(
-            failing,
-            hold=lambda: script.log.append("hold"),
-            release=lambda: script.log.append("release"),
-            interval=0.02,
-            linger=2.0,
-            clock=lambda: script.now,
-            sleep=script.sleep,
-        )
-    assert script.log[-1] == "release"  # the listener may wake the next run at once
+        relayer.run()
+    # The flag is dropped: Dramatiq's retry of this run, and every wake-up, relays again.
+    assert script.log[-1] == "release"
+    kafka_down, script.log, script.batches = False, [], [1]
+    assert relayer.run() == 1
+    assert script.log[-2:] == ["release", "relay 1"]
