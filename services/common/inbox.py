@@ -83,7 +83,7 @@ ON CONFLICT (event_id) DO NOTHING
 
 PURGE: Final = """
 DELETE FROM inbox
-WHERE processed_at < clock_timestamp() - make_interval(secs => %(retention_seconds)s)
+WHERE processed_at < now() - make_interval(secs => %(retention_seconds)s)
 """
 
 BACKLOG: Final = """

@@ -28,7 +28,7 @@ MARK_PUBLISHED: Final = "UPDATE outbox SET published_at = clock_timestamp() WHER
 
 PURGE: Final = """
 DELETE FROM outbox
-WHERE published_at < clock_timestamp() - make_interval(secs => %(retention_seconds)s)
+WHERE published_at < now() - make_interval(secs => %(retention_seconds)s)
 """
 
 BACKLOG: Final = """

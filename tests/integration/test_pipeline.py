@@ -367,6 +367,30 @@ def test_inbox_record_of_a_known_event_id_is_a_no_op(payments_db: psycopg.Connec
     assert payments_db.execute("SELECT count(*) FROM inbox").fetchone() == (1,)
 
 
+@pytest.mark.parametrize("purge", [outbox.PURGE, inbox.PURGE], ids=["outbox", "inbox"])
+def test_purging_reads_only_the_old_rows_through_an_index(
+    orders_db: psycopg.Connection[Any], purge: str
+) -> None:
+    # Purging runs every PURGE_INTERVAL against tables holding RETENTION_HOURS of events: it
+    # must be an index range scan on the time column, never a read of every row kept (it was,
+    # while the cut-off came from the volatile clock_timestamp(), which no index scan can use).
+    with orders_db.transaction():
+        orders_db.execute("SET LOCAL enable_seqscan = off")
+        [(plan,)] = orders_db.execute(
+            "EXPLAIN (FORMAT JSON) " + purge, {"retention_seconds": 3600}
+        ).fetchall()
+    scans = []
+
+    def walk(node: dict[str, Any]) -> None:
+        scans.append((node["Node Type"], node.get("Index Cond", "")))
+        for child in node.get("Plans", []):
+            walk(child)
+
+    walk(plan[0]["Plan"])
+    assert not any(kind == "Seq Scan" for kind, _ in scans), scans
+    assert any("_at <" in cond for _, cond in scans), scans  # bounded by the time column
+
+
 def test_purge_removes_only_rows_older_than_the_retention_window(
     config: Config, orders_db: psycopg.Connection[Any]
 ) -> None:
