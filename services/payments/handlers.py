@@ -36,11 +36,7 @@ def charge_order(conn: psycopg.Connection[Any], request: PaymentRequest, result_
     """Debit the user's account for the order at most once, and write the answer to the outbox.
 
     Redeliveries of one order, under any event_id, get the answer of the first delivery."""
-    params = {"order_id": request.order_id, "user_id": request.user_id, "amount": request.amount}
-    paid = answer(result_topic, request, PAID)
-    if conn.execute(queries.DEBIT, params | paid).fetchone() is not None:
-        return  # debited now, and the paid answer written by the same statement
-    answer_undebited(conn, request, result_topic)
+    charge_round(conn, [request], result_topic)
 
 
 def charge_round(
@@ -48,12 +44,12 @@ def charge_round(
 ) -> None:
     """`charge_order` for a round of requests (`in_rounds`: no user or order twice): one
     statement debits, and answers paid, every one the balance covers; each of the others is
-    answered as `charge_order` would."""
+    answered paid if an earlier delivery of its order was, else declined."""
     paid = [answer(result_topic, request, PAID) for request in requests]
     debited = {
         row[0]
         for row in conn.execute(
-            queries.DEBIT_ALL,
+            queries.DEBIT,
             {
                 "order_ids": [r.order_id for r in requests],
                 "user_ids": [r.user_id for r in requests],
@@ -67,7 +63,7 @@ def charge_round(
             answer_undebited(conn, request, result_topic)
 
 
-# The outbox columns of an answer, and the DEBIT_ALL parameter that takes them as an array.
+# The outbox columns of an answer, and the DEBIT parameter that takes them as an array.
 ANSWER_COLUMNS = (
     ("event_id", "event_ids"),
     ("topic", "topics"),

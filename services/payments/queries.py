@@ -49,36 +49,15 @@ BALANCE_OF_ACCOUNT: Final = "SELECT id, user_id, balance FROM accounts WHERE id 
 
 BALANCE_OF_USER: Final = "SELECT id, user_id, balance FROM accounts WHERE user_id = %(user_id)s"
 
-# The whole charge in one statement: the row lock taken by UPDATE serialises debits of one
-# account, `balance >= amount` is re-checked on the locked row, and the NOT EXISTS guards skip
-# an order already debited or declined. The unique index on ledger(order_id) backs the guard
-# should two debits of one order ever race. The `paid` answer (params: `outbox.row(...)` of it)
-# is written by the same statement when, and only when, this call debited: the common case of
-# a charge is one round trip. Returns a row only when this call debited.
+# The whole charge of a round of requests (`domain.in_rounds`: no user and no order twice) in
+# one statement: the row lock taken by UPDATE serialises debits of one account, `balance >=
+# amount` is re-checked on the locked row, and the NOT EXISTS guards skip an order already
+# debited or declined. The unique index on ledger(order_id) backs the guard should two debits
+# of one order ever race. The `paid` answer of each request (`outbox.row(...)`, one array per
+# column) is written by the same statement when, and only when, it debited that request: the
+# common case of a charge is one round trip. Returns the orders it debited; the others take
+# the one-request path (CHARGE_FACTS) to learn why.
 DEBIT: Final = """
-WITH debit AS (
-    UPDATE accounts
-    SET balance = balance - %(amount)s, updated_at = now()
-    WHERE user_id = %(user_id)s
-      AND balance >= %(amount)s
-      AND NOT EXISTS (SELECT 1 FROM ledger WHERE order_id = %(order_id)s AND kind = 'debit')
-      AND NOT EXISTS (SELECT 1 FROM declined_orders WHERE order_id = %(order_id)s)
-    RETURNING id
-), entry AS (
-    INSERT INTO ledger (account_id, kind, amount, order_id)
-    SELECT id, 'debit', %(amount)s, %(order_id)s FROM debit
-    RETURNING account_id
-), paid AS (
-    INSERT INTO outbox (event_id, topic, key, payload, headers)
-    SELECT %(event_id)s, %(topic)s, %(key)s, %(payload)s, %(headers)s FROM entry
-)
-SELECT account_id FROM entry
-"""
-
-# DEBIT for a round of requests (`domain.in_rounds`: no user and no order twice), in one
-# statement, each with the same guards; returns the orders it debited. An order not returned
-# takes the one-request path (CHARGE_FACTS) to learn why.
-DEBIT_ALL: Final = """
 WITH request AS (
     SELECT *
     FROM unnest(%(order_ids)b::uuid[], %(user_ids)b::uuid[], %(amounts)b::bigint[],
