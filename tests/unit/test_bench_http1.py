@@ -73,10 +73,19 @@ async def created(_: bytes, writer: asyncio.StreamWriter) -> None:
     writer.write(answer(201))
 
 
-async def closes_after_answering(_: bytes, writer: asyncio.StreamWriter) -> None:
-    writer.write(answer(201))  # keep-alive by its headers, closed all the same
-    await writer.drain()
-    writer.close()
+def closing_after(raw: bytes) -> Respond:
+    """A server that writes `raw` to every request, then closes the connection."""
+
+    async def respond(_: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(raw)
+        await writer.drain()
+        writer.close()
+
+    return respond
+
+
+# Keep-alive by its headers, closed all the same.
+closes_after_answering = closing_after(answer(201))
 
 
 def post_all(
@@ -171,12 +180,7 @@ def test_a_connection_the_server_breaks_is_reported_and_replaced() -> None:
 
 
 def test_connection_close_answers_are_not_reused() -> None:
-    async def closes(_: bytes, writer: asyncio.StreamWriter) -> None:
-        writer.write(answer(201, close=True))
-        await writer.drain()
-        writer.close()
-
-    answers, server = post_all(closes, [b"{}", b"{}"])
+    answers, server = post_all(closing_after(answer(201, close=True)), [b"{}", b"{}"])
     assert [a.outcome for a in answers] == ["201", "201"]
     assert server.connections == 2
 
@@ -215,12 +219,8 @@ def test_interim_answers_are_skipped_for_the_final_one() -> None:
 
 
 def test_a_body_that_ends_with_the_connection_counts_once_the_connection_ends() -> None:
-    async def close_delimited(_: bytes, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"HTTP/1.1 201 Created\r\ncontent-type: application/json\r\n\r\n{}")
-        await writer.drain()
-        writer.close()
-
-    answers, server = post_all(close_delimited, [b"{}", b"{}"])
+    close_delimited = b"HTTP/1.1 201 Created\r\ncontent-type: application/json\r\n\r\n{}"
+    answers, server = post_all(closing_after(close_delimited), [b"{}", b"{}"])
     assert [a.outcome for a in answers] == ["201", "201"]
     assert server.connections == 2
 
