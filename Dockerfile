@@ -31,4 +31,4 @@ USER app
 
 EXPOSE 8080 8081 8082 8090
 
-CMD ["uvicorn", "--factory", "services.gateway.app:create_app", "--host", "0.0.0.0", "--port", "8080"]
+CMD ["uvicorn", "--factory", "services.gateway.app:create_app", "--host", "0.0.0.0", "--port", "8080", "--http", "services.common.http:CoalescingHttpToolsProtocol"]

@@ -2,10 +2,10 @@
 least on this machine, to read `just bench`'s figures against.
 
 A trivial Starlette app (POST → 201 with a JSON body) behind a trivial Starlette + aiohttp
-proxy, both under uvicorn as the services run (uvloop, httptools, no access log), driven
-open-loop by the benchmark's own client (`bench.http1`): the gateway → orders → answer path
-with no validation, middleware, database or pipeline. Prints, per rate, the CPU milliseconds
-per request of client, proxy and upstream, read from /proc."""
+proxy, both under uvicorn as the services run (uvloop, httptools with one write per answer, no
+access log), driven open-loop by the benchmark's own client (`bench.http1`): the gateway →
+orders → answer path with no validation, middleware, database or pipeline. Prints, per rate,
+the CPU milliseconds per request of client, proxy and upstream, read from /proc."""
 
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ from bench import cpu, http1, load, report
 
 BODY = json.dumps({"user_id": "0190f7a4-0000-7d8e-9f00-aabbccddeeff", "amount": 1}).encode()
 JSON = {"Content-Type": "application/json"}
+# What the services run on (stack/supervisord.conf): each answer written in one piece.
+HTTP_PROTOCOL = "services.common.http:CoalescingHttpToolsProtocol"
 
 
 async def _create(request: Request) -> Response:
@@ -69,7 +71,7 @@ def free_port() -> int:
 def serve(factory: str, port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "--factory", factory, "--port", str(port),
-         "--no-access-log", "--log-level", "warning"],
+         "--no-access-log", "--log-level", "warning", "--http", HTTP_PROTOCOL],
         env=os.environ | env,
     )  # fmt: skip
 

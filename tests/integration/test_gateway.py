@@ -21,6 +21,7 @@ from starlette.testclient import TestClient
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.common.config import Config
+from services.common.http import CoalescingHttpToolsProtocol
 from services.gateway.app import TITLE, create_app
 from services.orders import app as orders_app
 from services.payments import app as payments_app
@@ -62,7 +63,13 @@ def serving(app: ASGIApp) -> Iterator[str]:
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", ws="none", lifespan="on"
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        ws="none",
+        lifespan="on",
+        http=CoalescingHttpToolsProtocol,
     )
     server = uvicorn.Server(config)
     # The socket is bound before the server starts, so no other process can take the port.

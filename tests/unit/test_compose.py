@@ -227,6 +227,26 @@ def test_each_process_runs_its_expected_command(name: str) -> None:
     assert argv[: len(expected_prefix)] == expected_prefix
 
 
+HTTP_PROTOCOL = "services.common.http:CoalescingHttpToolsProtocol"
+SUPERVISORD_CONF = ROOT / "stack" / "supervisord.conf"
+
+
+def test_every_http_server_writes_its_answers_in_one_piece_here_and_under_supervisord() -> None:
+    """compose.yaml, the image's default command and supervisord.conf all serve with the
+    coalescing protocol (`services.common.http`), which exists where they name it."""
+    servers = [name for name in EXPECTED if EXPECTED[name][0][0] == "uvicorn"]
+    for name in servers:
+        argv = command(services()[name])
+        assert argv[argv.index("--http") + 1] == HTTP_PROTOCOL, name
+    [cmd] = [args for keyword, args in dockerfile_instructions() if keyword == "CMD"]
+    assert HTTP_PROTOCOL in cmd
+    programs = re.findall(r"^command=.*/uvicorn (.*)$", SUPERVISORD_CONF.read_text(), re.M)
+    assert len(programs) == len(servers)
+    assert all(f"--http {HTTP_PROTOCOL}" in line for line in programs), programs
+    module, name = HTTP_PROTOCOL.split(":")
+    assert re.search(rf"^class {name}\(", module_file(module).read_text(), re.MULTILINE)
+
+
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_each_command_runs_a_module_that_exists_in_the_repo(name: str) -> None:
     _, expected_file = EXPECTED[name]
