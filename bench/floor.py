@@ -1,11 +1,13 @@
 """`python -m bench.floor` (`just bench-floor`): what the HTTP part of an order costs at the
 least on this machine, to read `just bench`'s figures against.
 
-A trivial Starlette app (POST → 201 with a JSON body) behind a trivial Starlette + aiohttp
-proxy, both under uvicorn as the services run (uvloop, httptools with one write per answer, no
-access log), driven open-loop by the benchmark's own client (`bench.http1`): the gateway →
-orders → answer path with no validation, middleware, database or pipeline. Prints, per rate,
-the CPU milliseconds per request of client, proxy and upstream, read from /proc."""
+A trivial Starlette app (POST → 201 with a JSON body) behind a trivial Starlette proxy on
+the gateway's client (`services.common.http1`; `--proxy-client aiohttp` for aiohttp's, which
+the gateway used before), both under uvicorn as the services run (uvloop, httptools with one
+write per answer, no access log), driven open-loop by the benchmark's own client
+(`bench.http1`): the gateway → orders → answer path with no validation, middleware, database
+or pipeline. Prints, per rate, the CPU milliseconds per request of client, proxy and
+upstream, read from /proc."""
 
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from bench import cpu, http1, load, report
+from services.common import http1 as services_http1
 
 BODY = json.dumps({"user_id": "0190f7a4-0000-7d8e-9f00-aabbccddeeff", "amount": 1}).encode()
 JSON = {"Content-Type": "application/json"}
@@ -45,8 +48,22 @@ def upstream_app() -> Starlette:
 
 
 def proxy_app() -> Starlette:
-    """The stand-in for the gateway: forwards the body to FLOOR_UPSTREAM with aiohttp."""
+    """The stand-in for the gateway: forwards the body to FLOOR_UPSTREAM with the client
+    FLOOR_PROXY_CLIENT names (`http1`, the gateway's, or `aiohttp`)."""
     upstream = os.environ["FLOOR_UPSTREAM"]
+    if os.environ.get("FLOOR_PROXY_CLIENT", "http1") == "aiohttp":
+        return _aiohttp_proxy(upstream)
+    client = services_http1.Client(upstream, max_connections=200, timeout=10)
+    headers = services_http1.header_block(JSON.items())
+
+    async def forward(request: Request) -> Response:
+        answer = await client.request("POST", "", headers, await request.body())
+        return Response(answer.body, answer.status, media_type="application/json")
+
+    return Starlette(routes=[Route("/orders", forward, methods=["POST"])])
+
+
+def _aiohttp_proxy(upstream: str) -> Starlette:
     sessions: list[aiohttp.ClientSession] = []
 
     @asynccontextmanager
@@ -124,13 +141,18 @@ async def drive(
     }
 
 
-async def measure(rates: Sequence[float], seconds: float) -> list[dict[str, Any]]:
+async def measure(
+    rates: Sequence[float], seconds: float, proxy_client: str = "http1"
+) -> list[dict[str, Any]]:
     up_port, proxy_port = free_port(), free_port()
     upstream = serve("bench.floor:upstream_app", up_port, {})
     proxy = serve(
         "bench.floor:proxy_app",
         proxy_port,
-        {"FLOOR_UPSTREAM": f"http://127.0.0.1:{up_port}/orders"},
+        {
+            "FLOOR_UPSTREAM": f"http://127.0.0.1:{up_port}/orders",
+            "FLOOR_PROXY_CLIENT": proxy_client,
+        },
     )
     url = f"http://127.0.0.1:{proxy_port}/orders"
     client = http1.Client(url, max_connections=500, timeout=10)
@@ -149,10 +171,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="just bench-floor", description=__doc__.split("\n")[0])
     p.add_argument("--rates", default="300,1000", help="requests/s, comma separated")
     p.add_argument("--seconds", type=float, default=8.0, help="per rate")
+    p.add_argument(
+        "--proxy-client",
+        choices=("http1", "aiohttp"),
+        default="http1",
+        help="the proxy's client: the gateway's (http1) or aiohttp's",
+    )
     args = p.parse_args(argv)
     rates = [float(r) for r in args.rates.split(",") if r.strip()]
-    results = http1.run_fast(measure(rates, args.seconds))
-    print(f"cores {os.cpu_count()}; CPU ms per request (client + proxy + upstream)")
+    results = http1.run_fast(measure(rates, args.seconds, args.proxy_client))
+    print(
+        f"cores {os.cpu_count()}; proxy client {args.proxy_client}; "
+        "CPU ms per request (client + proxy + upstream)"
+    )
     for r in results:
         c, lat = r["cpu_ms_per_request"], r["latency_ms"]
         print(

@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from bench import floor
 
 
-def test_the_floor_benchmark_drives_real_servers_and_reports_cpu_per_request() -> None:
-    (result,) = asyncio.run(floor.measure([200], seconds=1.0))
+@pytest.mark.parametrize("proxy_client", ["http1", "aiohttp"])
+def test_the_floor_benchmark_drives_real_servers_and_reports_cpu_per_request(
+    proxy_client: str,
+) -> None:
+    (result,) = asyncio.run(floor.measure([200], seconds=1.0, proxy_client=proxy_client))
 
     assert result["rate"] == 200
     assert result["errors"] == 0
