@@ -46,7 +46,8 @@ PASSED_BACK_HEADERS = ("content-type", "location", "link", "x-next-cursor", "ret
 _PASSED_BACK_RAW = frozenset(name.encode("latin-1") for name in PASSED_BACK_HEADERS)
 CONNECT_TIMEOUT = 1.0
 HEALTH_TIMEOUT = 1.0
-# Per service; the in-flight limit (GATEWAY_MAX_IN_FLIGHT) is the tighter bound in practice.
+# Per service. Past it (GATEWAY_MAX_IN_FLIGHT is higher) a request waits for a free connection,
+# within its deadline.
 MAX_CONNECTIONS = 200
 # Idle connections are dropped before the services' own keep-alive timeout (uvicorn's 5 s), so
 # the gateway never sends a request on a connection the service is closing at that moment.
