@@ -135,7 +135,17 @@ def test_targets_report_what_is_missed() -> None:
     targets = report.evaluate_targets(_results(999.0, {"p50": 31.0, "p99": 90.0}, errors=1))
     assert [t.met for t in targets] == [False, False, True, False]
     assert "999 orders/s" in targets[0].measured
-    assert "1 request error(s)" in targets[3].measured
+    assert "1 request error(s) (1 in the fixed-rate phases)" in targets[3].measured
+
+
+def test_errors_are_told_apart_by_where_they_happened_and_all_of_them_count() -> None:
+    results = _results(900.0, {"p50": 1.0, "p99": 1.0})
+    results["phases"].append(
+        {"kind": "ramp", "requests": {"errors": 40}, "orders": {"still_new": 0}}
+    )
+    [*_, zero_errors] = report.evaluate_targets(results)
+    assert zero_errors.met is False
+    assert zero_errors.measured.startswith("40 request error(s) (0 in the fixed-rate phases)")
 
 
 def test_orders_never_terminal_count_as_errors_but_the_warmup_does_not() -> None:
