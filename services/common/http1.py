@@ -108,11 +108,17 @@ class _Connection(asyncio.Protocol):
             return
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:  # 101 Switching Protocols: nothing we asked for
+            self._fail(ConnectionLost("the server switched protocols"))
         except httptools.HttpParserError as error:
             self._fail(ConnectionLost(f"unreadable answer: {error}"))
 
     # httptools callbacks
     def on_message_begin(self) -> None:
+        if self._waiter is None:
+            # A second answer right behind the one just taken, in the same read: the
+            # connection is out of step; it must never carry another request.
+            self.close()
         self._status, self._delimited = 0, False
         self._headers, self._body = [], []
 
@@ -133,15 +139,17 @@ class _Connection(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
-        if 100 <= self._status < 200 and self._status != 101:
-            return  # an interim answer (100 Continue, 103 Early Hints): the final one follows
+        if 100 <= self._status < 200:
+            # An interim answer (100 Continue, 103 Early Hints): the final one follows. (A 101
+            # ends the parse with HttpParserUpgrade instead, which fails the request.)
+            return
         if not self._parser.should_keep_alive():
             self.close()
         self._resolve()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.reusable = False
-        if exc is None and self._status and not self._delimited and not self._head_only:
+        if exc is None and self._status >= 200 and not self._delimited and not self._head_only:
             self._resolve()  # a body that ends with the connection has ended
         else:
             self._fail(ConnectionLost(str(exc) if exc else "closed by the server"))

@@ -112,6 +112,46 @@ def test_an_answer_nobody_asked_for_is_never_taken_for_the_next_ones() -> None:
     assert server.connections == 2  # the connection that spoke out of turn was dropped
 
 
+def test_a_second_answer_in_the_same_read_is_never_taken_for_the_next_request() -> None:
+    async def answers_twice_at_once(_: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(answer(201, b'{"n":1}') + answer(201, b'{"n":"stray"}'))
+
+    bodies: list[bytes] = []
+
+    async def scenario(server: Server) -> None:
+        client = http1.Client(f"http://127.0.0.1:{server.port}", 1, timeout=5)
+        for _ in range(2):
+            bodies.append((await client.request("POST", "/", body=b"{}")).body)
+        await client.close()
+
+    server = run_against(answers_twice_at_once, scenario)
+    assert bodies == [b'{"n":1}', b'{"n":1}']
+    assert server.connections == 2
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n",
+        b"HTTP/1.1 100 Continue\r\n\r\n",  # and then the server closes the connection
+    ],
+    ids=["switching-protocols", "interim-then-closed"],
+)
+def test_no_final_answer_is_a_lost_connection_not_an_answer(raw: bytes) -> None:
+    async def scenario(server: Server) -> None:
+        client = http1.Client(f"http://127.0.0.1:{server.port}", 1, timeout=5)
+        with pytest.raises(http1.ConnectionLost):
+            await client.request("POST", "/", body=b"{}")
+        await client.close()
+
+    async def respond(_: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(raw)
+        await writer.drain()
+        writer.close()
+
+    run_against(respond, scenario)
+
+
 def test_an_answers_headers_come_back_in_order_with_every_repeat() -> None:
     raw = (
         b"HTTP/1.1 200 OK\r\nLink: <a>\r\nContent-Type: application/json\r\nLink: <b>\r\n"

@@ -45,6 +45,9 @@ class Recorded:
         self.closing = True
         self.events.append("abort")
 
+    def write_eof(self) -> None:
+        self.events.append("write_eof")
+
     def is_closing(self) -> bool:
         return self.closing
 
@@ -103,6 +106,15 @@ def test_close_writes_what_is_held_before_closing() -> None:
         assert recorded.writes == [b"last answer"]
         await next_step()
         assert recorded.writes == [b"last answer"]  # the scheduled flush has nothing left
+
+    run(steps)
+
+
+def test_write_eof_writes_what_is_held_first() -> None:
+    async def steps(transport: CoalescingTransport, recorded: Recorded) -> None:
+        transport.write(b"last bytes")
+        transport.write_eof()
+        assert recorded.events == ["write", "write_eof"]
 
     run(steps)
 
