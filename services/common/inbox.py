@@ -257,10 +257,21 @@ def _apply_rows(
     except psycopg.OperationalError:
         raise  # the connection itself is gone: nothing here can be recorded
     except Exception as exc:  # some event failed: redo the batch event by event, below
-        log.debug("batch of %d rolled back (%s)", len(rows), describe_failure(exc))
+        failure = describe_failure(exc)
+        log.debug("batch of %d rolled back (%s)", len(rows), failure)
     if marked:
         conn.execute(UNMARK_ALL, {"event_ids": event_ids})
-    return _apply_one_by_one(conn, handler, rows, max_attempts)
+    report = _apply_one_by_one(conn, handler, rows, max_attempts)
+    if report.applied == len(rows):
+        # No event is at fault, so the batch path is: correct, but every batch now costs a
+        # transaction per event. (A failing event logs its own warning instead.)
+        log.warning(
+            "batch of %d failed whole but every event applied alone; the batch path is at "
+            "fault: %s",
+            len(rows),
+            failure,
+        )
+    return report
 
 
 def _apply_one_by_one(

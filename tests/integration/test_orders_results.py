@@ -4,6 +4,7 @@ settles once, duplicates and late or contradicting results change nothing, poiso
 from __future__ import annotations
 
 import itertools
+import logging
 import uuid
 from datetime import datetime
 from typing import Any
@@ -403,3 +404,43 @@ def test_the_consumer_path_settles_a_batch_at_once_and_leaves_an_unknown_order_p
         ApplyReport(applied=2)
     )
     assert state(orders_db, third)[:2] == ("failed", "insufficient_funds")
+
+
+class BrokenBatchPath:
+    """The orders handler with a batch path that always fails (a bug it must not hide)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __call__(self, conn: psycopg.Connection[Any], pending: Any) -> None:
+        self.inner(conn, pending)
+
+    def apply_all(self, conn: psycopg.Connection[Any], rows: Any) -> None:
+        raise RuntimeError("a fault in apply_all")
+
+
+def test_a_batch_path_that_fails_while_every_event_applies_alone_is_a_warning(
+    orders_db: psycopg.Connection[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    order = new_order(orders_db)
+    with caplog.at_level(logging.WARNING, logger="services.common.inbox"):
+        report = pipeline.record_and_apply(
+            orders_db, [result(order, "paid")], BrokenBatchPath(make_handler(CONFIG)), CONFIG
+        )
+    assert report == ApplyReport(applied=1)
+    assert state(orders_db, order)[0] == "paid"
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "services.common.inbox"]
+    assert "the batch path is at fault" in warning
+    assert "a fault in apply_all" in warning
+
+
+def test_a_batch_failed_by_one_bad_event_warns_about_that_event_only(
+    orders_db: psycopg.Connection[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    batch = [result(new_order(orders_db), "paid"), result(uuid7(), "paid")]
+    with caplog.at_level(logging.WARNING, logger="services.common.inbox"):
+        report = pipeline.record_and_apply(orders_db, batch, make_handler(CONFIG), CONFIG)
+    assert report == ApplyReport(applied=1, retried=1)
+    messages = [r.getMessage() for r in caplog.records if r.name == "services.common.inbox"]
+    assert len(messages) == 1
+    assert "unknown order" in messages[0]
