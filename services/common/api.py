@@ -165,7 +165,7 @@ async def _read_json(request: Request, required: bool) -> Any:
             raise problems.payload_too_large(MAX_BODY_BYTES)
         chunks.append(chunk)
     raw = b"".join(chunks)
-    if not raw.strip():
+    if not raw:  # not sent (whitespace was sent: as JSON it is malformed, below)
         if required:
             raise problems.validation_failed([FieldError("body", "is required")])
         return ABSENT

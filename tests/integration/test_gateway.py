@@ -322,6 +322,9 @@ def raw(path: str, body: str, content_type: str = "application/json") -> tuple[s
 BAD_REQUESTS: dict[str, tuple[int, tuple[str, str, str]]] = {
     "malformed JSON (top_up)": (400, raw("/accounts/top_up", '{"account_id": ')),
     "malformed JSON (order)": (400, raw("/orders/create", "{not json}")),
+    # Whitespace is not an absent body: as JSON it is malformed (found by schemathesis).
+    "whitespace as JSON (optional body)": (400, raw("/accounts/create", " ")),
+    "whitespace as JSON (required body)": (400, raw("/orders/create", " \n")),
     "wrong content type": (
         415,
         raw("/orders/create", "user_id=1&amount=1", "application/x-www-form-urlencoded"),
