@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
@@ -16,15 +14,14 @@ from typing import Any
 
 import psycopg
 import pytest
-import uvicorn
 from starlette.testclient import TestClient
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.common.config import Config
-from services.common.http import CoalescingHttpToolsProtocol
 from services.gateway.app import TITLE, create_app
 from services.orders import app as orders_app
 from services.payments import app as payments_app
+from tests.serving import serving
 
 PROBLEM_JSON = "application/problem+json"
 MISSING_ID = "0190f7a4-5b6c-7d8e-9f00-0000000000ff"
@@ -53,39 +50,6 @@ class Recorder:
         if scope["type"] == "http":
             self.request_ids.append(dict(scope["headers"]).get(b"x-request-id", b"").decode())
         await self.app(scope, receive, send)
-
-
-@contextmanager
-def serving(app: ASGIApp) -> Iterator[str]:
-    """Serve `app` with uvicorn on a free loopback port in a background thread; its base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-        ws="none",
-        lifespan="on",
-        http=CoalescingHttpToolsProtocol,
-    )
-    server = uvicorn.Server(config)
-    # The socket is bound before the server starts, so no other process can take the port.
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 15
-        while not server.started:
-            assert thread.is_alive(), "the server stopped while starting"
-            assert time.monotonic() < deadline, "the server did not start within 15 s"
-            time.sleep(0.02)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
-        sock.close()
 
 
 @contextmanager

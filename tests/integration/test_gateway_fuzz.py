@@ -29,10 +29,11 @@ from schemathesis.specs.openapi.checks import (
 
 from services.common.config import Config
 from services.gateway.app import create_app
-from tests.integration.test_gateway import Services, serving
+from tests.integration.test_gateway import Services
 
 # The real services, on fresh databases: the same fixture as the gateway's integration tests.
 from tests.integration.test_gateway import services as services
+from tests.serving import serving
 
 # FUZZ_EXAMPLES=500 for a deeper hunt; the default keeps the run well under a minute.
 EXAMPLES_PER_OPERATION = int(os.environ.get("FUZZ_EXAMPLES", "25"))

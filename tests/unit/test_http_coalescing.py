@@ -6,15 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import threading
-import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -22,6 +18,7 @@ from starlette.routing import Route
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from services.common.http import MAX_HELD_BYTES, CoalescingHttpToolsProtocol, CoalescingTransport
+from tests.serving import serving
 
 
 @dataclass
@@ -98,23 +95,15 @@ def test_writes_of_different_steps_are_written_separately_and_in_order() -> None
     run(steps)
 
 
-def test_close_writes_what_is_held_before_closing() -> None:
+@pytest.mark.parametrize("ending", ["close", "write_eof"])
+def test_ending_the_stream_writes_what_is_held_first(ending: str) -> None:
     async def steps(transport: CoalescingTransport, recorded: Recorded) -> None:
         transport.write(b"last answer")
-        transport.close()
-        assert recorded.events == ["write", "close"]
+        getattr(transport, ending)()
+        assert recorded.events == ["write", ending]
         assert recorded.writes == [b"last answer"]
         await next_step()
         assert recorded.writes == [b"last answer"]  # the scheduled flush has nothing left
-
-    run(steps)
-
-
-def test_write_eof_writes_what_is_held_first() -> None:
-    async def steps(transport: CoalescingTransport, recorded: Recorded) -> None:
-        transport.write(b"last bytes")
-        transport.write_eof()
-        assert recorded.events == ["write", "write_eof"]
 
     run(steps)
 
@@ -208,24 +197,9 @@ def counting(base: type[HttpToolsProtocol], writes: list[bytes]) -> type[HttpToo
     return Counting
 
 
-@contextmanager
-def serving(protocol: type[asyncio.Protocol]) -> Iterator[int]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(APP, log_level="warning", ws="none", lifespan="off", http=protocol)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield port
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
+def address(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("http://").split(":")
+    return host, int(port)
 
 
 def read_until(conn: socket.socket, end: bytes) -> bytes:
@@ -245,8 +219,8 @@ def test_each_answer_leaves_in_one_write_on_a_kept_alive_connection(coalescing: 
     writes: list[bytes] = []
     base = CoalescingHttpToolsProtocol if coalescing else HttpToolsProtocol
     with (
-        serving(counting(base, writes)) as port,
-        socket.create_connection(("127.0.0.1", port), timeout=5) as conn,
+        serving(APP, counting(base, writes)) as url,
+        socket.create_connection(address(url), timeout=5) as conn,
     ):
         answers = []
         for request in (
@@ -269,8 +243,8 @@ def test_each_answer_leaves_in_one_write_on_a_kept_alive_connection(coalescing: 
 def test_a_streamed_answer_larger_than_what_is_held_arrives_whole() -> None:
     writes: list[bytes] = []
     with (
-        serving(counting(CoalescingHttpToolsProtocol, writes)) as port,
-        socket.create_connection(("127.0.0.1", port), timeout=5) as conn,
+        serving(APP, counting(CoalescingHttpToolsProtocol, writes)) as url,
+        socket.create_connection(address(url), timeout=5) as conn,
     ):
         conn.sendall(b"GET /big HTTP/1.1\r\nhost: t\r\n\r\n")
         answer = read_until(conn, b"\r\n0\r\n\r\n")
