@@ -205,7 +205,7 @@ class Run:
                 best, flat = step_rate, 0
             else:
                 flat += 1
-            # One step's refusals can be a passing burst (autovacuum on a hot table): errors
+            # One step's refusals can be a passing burst (a commit the disk stalled): errors
             # stop the ramp only in `ramp_patience` steps in a row.
             erring = erring + 1 if done and errors > 0.05 * len(done) else 0
             if erring >= max(1, s.ramp_patience):

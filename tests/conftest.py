@@ -31,6 +31,18 @@ def conninfo(dbname: str) -> str:
     return f"postgresql://{PG_USER}:{PG_PASSWORD}@{PG_HOST}:{PG_PORT}/{dbname}"
 
 
+def plan_nodes(node: Any) -> Iterator[dict[str, Any]]:
+    """Every node of a JSON query plan (`EXPLAIN (FORMAT JSON)`), depth first."""
+    if isinstance(node, dict):
+        if "Node Type" in node:
+            yield node
+        for value in node.values():
+            yield from plan_nodes(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from plan_nodes(value)
+
+
 def _load_schema(service: str, **kwargs: Any) -> None:
     migrate(conninfo(kwargs["dbname"]), service)
 

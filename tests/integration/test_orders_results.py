@@ -27,6 +27,7 @@ from services.common.ids import uuid7
 from services.common.inbox import ApplyReport, Received
 from services.orders import queries
 from services.orders.handlers import make_handler
+from tests.conftest import plan_nodes
 
 CONFIG = Config(kafka_topic_prefix="test-orders-results.")
 RESULTS_TOPIC = CONFIG.topic(TOPIC_PAYMENT_RESULT)
@@ -234,20 +235,8 @@ def test_settling_finds_the_order_by_primary_key_even_when_few_orders_are_new(
     plan = orders_db.execute("EXPLAIN (FORMAT JSON) " + queries.SETTLE_ORDER, params).fetchone()
 
     assert plan is not None
-    scans = list(index_names(plan[0]))
+    scans = [node["Index Name"] for node in plan_nodes(plan[0]) if "Index Name" in node]
     assert scans == ["orders_pkey"]
-
-
-def index_names(node: Any) -> Any:
-    """Every index a JSON query plan scans."""
-    if isinstance(node, dict):
-        if "Index Name" in node:
-            yield node["Index Name"]
-        for value in node.values():
-            yield from index_names(value)
-    elif isinstance(node, list):
-        for value in node:
-            yield from index_names(value)
 
 
 # --- What cannot be applied is retried, then parked, and does not block others -------------------

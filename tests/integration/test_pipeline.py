@@ -30,6 +30,7 @@ from services.orders.domain import payment_requested
 from services.payments import queries as payments_queries
 from services.payments.domain import new_account
 from services.payments.handlers import make_handler as payments_handler
+from tests.conftest import plan_nodes
 
 
 @pytest.fixture
@@ -379,14 +380,7 @@ def test_purging_reads_only_the_old_rows_through_an_index(
         [(plan,)] = orders_db.execute(
             "EXPLAIN (FORMAT JSON) " + purge, {"retention_seconds": 3600}
         ).fetchall()
-    scans = []
-
-    def walk(node: dict[str, Any]) -> None:
-        scans.append((node["Node Type"], node.get("Index Cond", "")))
-        for child in node.get("Plans", []):
-            walk(child)
-
-    walk(plan[0]["Plan"])
+    scans = [(node["Node Type"], node.get("Index Cond", "")) for node in plan_nodes(plan)]
     assert not any(kind == "Seq Scan" for kind, _ in scans), scans
     assert any("_at <" in cond for _, cond in scans), scans  # bounded by the time column
 
