@@ -85,3 +85,9 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
+
+    def eof_received(self) -> None:
+        # The client ended its stream: the transport closes itself once this returns (uvicorn
+        # keeps no half-open connections), so what is held goes out now, not at step's end.
+        self.transport.flush()  # type: ignore[attr-defined]
+        super().eof_received()

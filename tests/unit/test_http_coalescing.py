@@ -259,3 +259,24 @@ def test_a_streamed_answer_larger_than_what_is_held_arrives_whole() -> None:
         body, rest = body + rest[:size], rest[size + 2 :]
     assert body == b"y" * (3 * MAX_HELD_BYTES)
     assert len(writes) >= 3  # each chunk past the limit went out on its own
+
+
+@pytest.mark.parametrize("coalescing", [True, False], ids=["coalescing", "uvicorn-own"])
+def test_a_client_that_half_closes_after_its_request_still_gets_the_answer(
+    coalescing: bool,
+) -> None:
+    # The end of the client's stream closes the transport (uvicorn does not keep half-open
+    # connections): the answer held at that moment must be written before it closes.
+    base = CoalescingHttpToolsProtocol if coalescing else HttpToolsProtocol
+    answers = []
+    with serving(APP, base) as url:
+        for _ in range(20):
+            with socket.create_connection(address(url), timeout=5) as conn:
+                conn.sendall(b"GET /small HTTP/1.1\r\nhost: t\r\n\r\n")
+                conn.shutdown(socket.SHUT_WR)
+                received = b""
+                while chunk := conn.recv(65536):
+                    received += chunk
+                answers.append(received)
+    assert all(a.startswith(b"HTTP/1.1 201 Created\r\n") for a in answers), answers[:3]
+    assert all(a.endswith(b"\r\n\r\n" + SMALL_BODY) for a in answers)
