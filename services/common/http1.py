@@ -272,6 +272,8 @@ class Client:
 
     async def _acquire(self, loop: asyncio.AbstractEventLoop) -> _Connection:
         """A usable connection, in a slot now the caller's."""
+        if self._closed:
+            raise ConnectFailed(f"{self._host}:{self._port}: the client is closed")
         if self._idle:
             connection = self._idle.pop()
             if connection.usable and loop.time() - connection.idle_since < self._idle_timeout:
@@ -327,8 +329,15 @@ class Client:
             self._idle.append(connection)
 
     async def close(self) -> None:
-        """Close every idle connection; those in flight close as their requests end."""
+        """Close every idle connection; those in flight close as their requests end. Requests
+        still waiting for a connection, and any made later, fail at once with `ConnectFailed`
+        (none of them was written)."""
         self._closed = True
         while self._idle:
             self._idle.pop().close()
             self._taken -= 1
+        closed = ConnectFailed(f"{self._host}:{self._port}: the client is closed")
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(closed)

@@ -91,6 +91,34 @@ def test_a_deadline_passed_says_whether_the_request_was_written() -> None:
     assert len(server.requests) == 1
 
 
+def test_closing_the_client_fails_waiting_and_later_requests_at_once_unsent() -> None:
+    failed: list[http1.UpstreamError] = []
+
+    async def slow(_: bytes, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(0.3)
+        writer.write(answer(201))
+
+    async def scenario(server: Server) -> None:
+        client = http1.Client(f"http://127.0.0.1:{server.port}", 1, timeout=5)
+        first = asyncio.ensure_future(client.request("POST", "/", body=b"{}"))
+        await asyncio.sleep(0.05)
+        # The only connection is taken: this one waits for it.
+        waiting = asyncio.ensure_future(client.request("POST", "/", body=b"{}"))
+        await asyncio.sleep(0.05)
+        await client.close()
+        await asyncio.sleep(0)
+        assert waiting.done() and not first.done()  # failed at once, not at its deadline
+        for call in (waiting, client.request("GET", "/")):
+            with pytest.raises(http1.ConnectFailed, match="closed") as error:
+                await call
+            failed.append(error.value)
+        assert (await first).status == 201  # the request in flight still gets its answer
+
+    server = run_against(slow, scenario)
+    assert len(failed) == 2
+    assert len(server.requests) == 1
+
+
 def test_an_answer_nobody_asked_for_is_never_taken_for_the_next_ones() -> None:
     async def answers_twice(request: bytes, writer: asyncio.StreamWriter) -> None:
         writer.write(answer(201, b'{"n":1}'))
