@@ -273,7 +273,7 @@ class Client:
     async def _acquire(self, loop: asyncio.AbstractEventLoop) -> _Connection:
         """A usable connection, in a slot now the caller's."""
         if self._closed:
-            raise ConnectFailed(f"{self._host}:{self._port}: the client is closed")
+            raise self._closed_error()
         if self._idle:
             connection = self._idle.pop()
             if connection.usable and loop.time() - connection.idle_since < self._idle_timeout:
@@ -336,8 +336,11 @@ class Client:
         while self._idle:
             self._idle.pop().close()
             self._taken -= 1
-        closed = ConnectFailed(f"{self._host}:{self._port}: the client is closed")
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
-                waiter.set_exception(closed)
+                waiter.set_exception(self._closed_error())
+
+    def _closed_error(self) -> ConnectFailed:
+        """What a request gets once the client is closed: it was never written."""
+        return ConnectFailed(f"{self._host}:{self._port}: the client is closed")
