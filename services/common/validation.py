@@ -1,12 +1,18 @@
 """Input validation against JSON Schemas: the very schemas the OpenAPI spec publishes.
 
 Pure functions over parsed JSON; the HTTP layer calls them and turns errors into 422 answers.
+
+Almost every request is valid, and jsonschema took ~30 us to say so (two fifths of a core's
+worth at 1,000 orders/s, as the gateway and the service both check each request). So each
+schema is also compiled into a plain predicate (`accepts`), exact for the keywords our schemas
+use; jsonschema runs only to explain a rejection. A schema with any other keyword is left to
+jsonschema alone.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from jsonschema import Draft202012Validator, ValidationError, validators
@@ -77,21 +83,137 @@ def _message_of(error: ValidationError) -> str:
     return str(error.message)
 
 
+Predicate = Callable[[Any], bool]
+_FORMATS: Final = Draft202012Validator.FORMAT_CHECKER
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# Keywords that say nothing about validity.
+_ANNOTATIONS: Final = frozenset({"description", "examples", "default", "title", "$comment"})
+# JSON types as StrictValidator sees them: an integer is an int that is not a bool.
+_TYPES: Final[Mapping[str, Predicate]] = {
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
+    "string": lambda v: isinstance(v, str),
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": _is_number,
+    "boolean": lambda v: isinstance(v, bool),
+    "null": lambda v: v is None,
+}
+
+
+def compile_predicate(schema: Schema) -> Predicate | None:
+    """`schema` as a predicate that is true exactly when jsonschema (StrictValidator, with the
+    format checker) finds no error; None when it uses a keyword the predicate does not know."""
+    if not isinstance(schema, Mapping):  # a boolean schema
+        return None
+    checks = []
+    for keyword, value in schema.items():
+        if keyword not in _ANNOTATIONS:
+            check = _keyword(keyword, value, schema)
+            if check is None:
+                return None
+            checks.append(check)
+    return checks[0] if len(checks) == 1 else _all_of(checks)
+
+
+def _all_of(checks: list[Predicate]) -> Predicate:
+    # Plain loops here and below: `all()` over a generator made the whole check 50% slower.
+    def accepts(instance: Any) -> bool:
+        for check in checks:  # noqa: SIM110 (see above)
+            if not check(instance):
+                return False
+        return True
+
+    return accepts
+
+
+def _keyword(keyword: str, value: Any, schema: Schema) -> Predicate | None:
+    """One keyword's check. As in JSON Schema, each applies only to instances of its JSON type:
+    `minimum` passes a string, `required` passes a number."""
+    if keyword == "type":
+        names = [value] if isinstance(value, str) else list(value)
+        if not all(name in _TYPES for name in names):
+            return None
+        tests = [_TYPES[name] for name in names]
+        return tests[0] if len(tests) == 1 else lambda v: any(test(v) for test in tests)
+    if keyword == "enum" and all(isinstance(e, str) or e is None for e in value):
+        allowed = list(value)  # only str and None: `in` cannot take True for 1, as it would
+        return lambda v: v in allowed
+    if keyword == "minimum":
+        return lambda v: not (_is_number(v) and v < value)
+    if keyword == "maximum":
+        return lambda v: not (_is_number(v) and v > value)
+    if keyword == "minLength":
+        return lambda v: not (isinstance(v, str) and len(v) < value)
+    if keyword == "maxLength":
+        return lambda v: not (isinstance(v, str) and len(v) > value)
+    if keyword == "format":
+        return _format(value)
+    if keyword == "required":
+        return lambda v: not isinstance(v, dict) or all(name in v for name in value)
+    if keyword == "properties":
+        return _properties(value)
+    if keyword == "additionalProperties" and value is False:
+        known = frozenset(schema.get("properties", ()))
+        return lambda v: not isinstance(v, dict) or known.issuperset(v)
+    return None
+
+
+def _format(name: str) -> Predicate:
+    """The format checker's own function for `name`, without the dispatch of `conforms`."""
+    known = _FORMATS.checkers.get(name)
+    if known is None:
+        return lambda v: True  # a format the checker does not know asserts nothing
+    func, raises = known
+
+    def conforms(v: Any) -> bool:
+        try:
+            return bool(func(v))
+        except raises:
+            return False
+
+    return conforms
+
+
+def _properties(schemas: Mapping[str, Schema]) -> Predicate | None:
+    subs: list[tuple[str, Predicate]] = []
+    for name, schema in schemas.items():
+        sub = compile_predicate(schema)
+        if sub is None:
+            return None
+        subs.append((name, sub))
+
+    def properties(v: Any) -> bool:
+        if isinstance(v, dict):
+            for name, sub in subs:
+                if name in v and not sub(v[name]):
+                    return False
+        return True
+
+    return properties
+
+
 # Building a validator costs far more than running it; schemas are long-lived constants.
-_validators: dict[int, tuple[Schema, Any]] = {}
+_validators: dict[int, tuple[Schema, Any, Predicate | None]] = {}
 
 
-def _validator_for(schema: Schema) -> Any:
+def _validator_for(schema: Schema) -> tuple[Any, Predicate | None]:
     cached = _validators.get(id(schema))
     if cached is None or cached[0] is not schema:
-        validator = StrictValidator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
-        cached = _validators[id(schema)] = (schema, validator)
-    return cached[1]
+        validator = StrictValidator(schema, format_checker=_FORMATS)
+        cached = _validators[id(schema)] = (schema, validator, compile_predicate(schema))
+    return cached[1], cached[2]
 
 
 def check(schema: Schema, instance: Any) -> list[FieldError]:
     """Every way `instance` breaks `schema`, one error per field, in field order."""
-    validator = _validator_for(schema)
+    validator, accepts = _validator_for(schema)
+    if accepts is not None and accepts(instance):
+        return []
     errors: dict[str, FieldError] = {}
     for error in validator.iter_errors(instance):
         for name in _field_of(error):
