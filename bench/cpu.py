@@ -171,6 +171,8 @@ class Sample:
     machine_busy: float = 0.0
     # seconds the group's threads spent runnable but waiting for a CPU (live threads only)
     runqueue_wait: dict[str, float] = field(default_factory=dict)
+    # seconds since boot in which some, and all, non-idle tasks were stalled on I/O
+    io_stall: tuple[float, float] | None = None
 
 
 def machine_busy_seconds() -> float:
@@ -180,6 +182,28 @@ def machine_busy_seconds() -> float:
     # time is already inside user time.
     user, nice, system, irq, softirq = values[0], values[1], values[2], values[5], values[6]
     return (user + nice + system + irq + softirq) / CLOCK_TICKS
+
+
+def parse_pressure(text: str) -> tuple[float, float]:
+    """The `some` and `full` stall totals of a /proc/pressure file, in seconds."""
+    totals = {"some": 0.0, "full": 0.0}
+    for line in text.splitlines():
+        kind, *fields = line.split()
+        for item in fields:
+            name, _, value = item.partition("=")
+            if name == "total" and kind in totals:
+                totals[kind] = int(value) / 1e6  # microseconds
+    return totals["some"], totals["full"]
+
+
+def io_stall_seconds() -> tuple[float, float] | None:
+    """How long, since boot, some and all non-idle tasks waited on I/O (the kernel's pressure
+    stall information): a disk stall shows here while the CPU figures look idle. None where
+    the kernel does not keep it."""
+    try:
+        return parse_pressure((PROC / "pressure" / "io").read_text())
+    except OSError:
+        return None
 
 
 def runqueue_wait_seconds(pid: int) -> float:
@@ -216,7 +240,15 @@ def take_sample(groups: Iterable[Group]) -> Sample:
         if group.name == "postgres":
             for pid in members - {group.root}:
                 postgres[pid] = (_postgres_title(pid), table[pid].own_ticks / CLOCK_TICKS)
-    return Sample(time.monotonic(), seconds, alive, postgres, machine_busy_seconds(), waits)
+    return Sample(
+        time.monotonic(),
+        seconds,
+        alive,
+        postgres,
+        machine_busy_seconds(),
+        waits,
+        io_stall_seconds(),
+    )
 
 
 def _postgres_title(pid: int) -> str:
@@ -268,9 +300,19 @@ def usage(
     measured_send = sum(
         max(send_end.groups[g] - before.groups[g], 0.0) for g in processes if g in send_end.groups
     )
+    io_pressure = None
+    if before.io_stall is not None and send_end.io_stall is not None:
+        io_pressure = {
+            kind: round(max(end - start, 0.0) * 100 / send_wall, 1)
+            for kind, start, end in zip(
+                ("some", "full"), before.io_stall, send_end.io_stall, strict=True
+            )
+        }
     return {
         "wall_send_s": round(send_wall, 3),
         "wall_total_s": round(after.at - before.at, 3),
+        # % of the sending time in which some / all non-idle tasks waited on I/O
+        "io_pressure_send_pct": io_pressure,
         "processes": processes,
         "postgres_by_role": _postgres_roles(before, after, orders),
         "system": entry(system, system_send),

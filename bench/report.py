@@ -366,6 +366,12 @@ def _cpu_lines(phases: list[dict[str, Any]]) -> list[str]:
             f"  {p['name']}: runnable but waiting for a CPU (% of the time, all threads): "
             + (", ".join(starved) or "none above 5%")
         )
+        io = p["cpu"].get("io_pressure_send_pct")
+        if io is not None:
+            lines.append(
+                f"  {p['name']}: waiting on the disk (% of the time, /proc/pressure/io): "
+                f"some task {io['some']:.0f}%, every busy task {io['full']:.0f}%"
+            )
     roles: list[str] = []
     for p in measured:
         roles += [r for r in p["cpu"]["postgres_by_role"] if r not in roles]

@@ -153,6 +153,9 @@ def test_cpu_is_measured_for_our_processes_the_servers_and_the_generator(
     assert cpu["machine"]["cpu_s"] > 0
     assert report["idle_util_pct"]["gateway"] >= 0
     assert cpu["processes"]["gateway"]["waited_for_cpu_send_pct"] >= 0
+    if Path("/proc/pressure/io").exists():  # a kernel with pressure stall information
+        io = cpu["io_pressure_send_pct"]
+        assert 0 <= io["full"] <= io["some"] <= 101  # % of a wall time read a moment apart
 
 
 def test_the_timeline_covers_every_request_and_terminal_order(report: dict[str, Any]) -> None:

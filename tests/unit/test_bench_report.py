@@ -225,6 +225,30 @@ def test_cpu_usage_is_per_order_and_per_core_while_sending() -> None:
     assert used["other"]["util_send_pct"] == pytest.approx(100 * (12 - 5 - 2) / 10)
 
 
+def test_io_pressure_totals_are_read_in_seconds() -> None:
+    text = (
+        "some avg10=2.61 avg60=20.72 avg300=22.08 total=2609520405\n"
+        "full avg10=2.14 avg60=14.43 avg300=15.64 total=1932454325\n"
+    )
+    assert cpu.parse_pressure(text) == (2609.520405, 1932.454325)
+
+
+def test_io_pressure_is_the_share_of_the_sending_time_stalled_on_the_disk() -> None:
+    groups = [cpu.Group("postgres", 2, "server")]
+    before = cpu.Sample(0.0, {"postgres": 1.0}, {"postgres": True}, {}, 0.0, {}, (100.0, 50.0))
+    send_end = cpu.Sample(10.0, {"postgres": 2.0}, {"postgres": True}, {}, 1.0, {}, (103.0, 51.5))
+    after = cpu.Sample(12.0, {"postgres": 2.0}, {"postgres": True}, {}, 1.0, {}, (109.0, 59.0))
+    used = cpu.usage(before, send_end, after, groups, orders=10)
+    assert used["io_pressure_send_pct"] == {"some": 30.0, "full": 15.0}
+    # A kernel without pressure stall information: nothing to report, nothing made up.
+    assert (
+        cpu.usage(
+            _sample(0.0, {}, 0.0), _sample(10.0, {}, 1.0), _sample(12.0, {}, 1.0), [], orders=10
+        )["io_pressure_send_pct"]
+        is None
+    )
+
+
 def test_a_process_that_restarted_is_flagged() -> None:
     groups = [cpu.Group("listener", 1, "ours")]
     before = _sample(0.0, {"listener": 10.0}, 0.0)
