@@ -10,6 +10,7 @@ from typing import Any
 import hypothesis.strategies as st
 import pytest
 from hypothesis import given, settings
+from jsonschema import Draft202012Validator
 
 from services.common import validation
 from services.common.api import Endpoint
@@ -34,7 +35,9 @@ SCHEMAS = declared_schemas(orders.ENDPOINTS + payments.ENDPOINTS)
 
 def jsonschema_accepts(schema: Schema, instance: Any) -> bool:
     return bool(
-        validation.StrictValidator(schema, format_checker=validation._FORMATS).is_valid(instance)
+        validation.StrictValidator(
+            schema, format_checker=Draft202012Validator.FORMAT_CHECKER
+        ).is_valid(instance)
     )
 
 
