@@ -24,9 +24,15 @@ Schema = Mapping[str, Any]
 MAX_AMOUNT: Final = 10**15
 MAX_DESCRIPTION: Final = 1000
 
-# JSON Schema's "integer" admits 1.0; money must be a JSON integer literal, so floats are out.
+
+def _is_integer(value: Any) -> bool:
+    """JSON Schema's "integer" admits 1.0; money must be a JSON integer literal, so floats are
+    out (and so are booleans, which Python counts as ints)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 _STRICT_TYPES = Draft202012Validator.TYPE_CHECKER.redefine(
-    "integer", lambda _checker, value: isinstance(value, int) and not isinstance(value, bool)
+    "integer", lambda _checker, value: _is_integer(value)
 )
 StrictValidator = validators.extend(  # type: ignore[no-untyped-call]
     Draft202012Validator, type_checker=_STRICT_TYPES
@@ -93,12 +99,12 @@ def _is_number(value: Any) -> bool:
 
 # Keywords that say nothing about validity.
 _ANNOTATIONS: Final = frozenset({"description", "examples", "default", "title", "$comment"})
-# JSON types as StrictValidator sees them: an integer is an int that is not a bool.
+# JSON types as StrictValidator sees them (`_STRICT_TYPES`).
 _TYPES: Final[Mapping[str, Predicate]] = {
     "object": lambda v: isinstance(v, dict),
     "array": lambda v: isinstance(v, list),
     "string": lambda v: isinstance(v, str),
-    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "integer": _is_integer,
     "number": _is_number,
     "boolean": lambda v: isinstance(v, bool),
     "null": lambda v: v is None,
