@@ -97,9 +97,9 @@ class Config:
     relay_batch_size: int = field(default_factory=lambda: _env_int("RELAY_BATCH_SIZE", 500))
     apply_batch_size: int = field(default_factory=lambda: _env_int("APPLY_BATCH_SIZE", 500))
     max_attempts: int = field(default_factory=lambda: _env_int("INBOX_MAX_ATTEMPTS", 5))
-    # Seconds: under load (batches of 3 or more events) the listener wakes a relay, and a
-    # consumer takes a batch, at most once per interval; what arrives in between joins the next
-    # batch. At light load nothing waits. 0: no pacing.
+    # Seconds: under load (batches of 3 or more events) the listener wakes a relay at most once
+    # per interval, and a consumer takes a batch at most once per half interval; what arrives
+    # in between joins the next batch. At light load nothing waits. 0: no pacing.
     batch_interval: float = field(default_factory=lambda: _env_float("BATCH_INTERVAL", 0.02))
     # Seconds a relay woken under load keeps publishing a batch per BATCH_INTERVAL, with no
     # further wake-ups, before it stops and waits for the next one.
