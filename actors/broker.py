@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import dramatiq
+import psycopg
 from confluent_kafka import Producer
 from dramatiq.middleware import Middleware
 from psycopg_pool import ConnectionPool
@@ -37,8 +38,9 @@ dramatiq.set_broker(broker)
 
 
 class Resources:
-    """One service's database pool and Kafka producer in this worker process, made on first
-    use and closed when the worker shuts down (flushing what the producer still holds)."""
+    """One service's database pool, Kafka producer and commit watch in this worker process,
+    made on first use and closed when the worker shuts down (flushing what the producer still
+    holds)."""
 
     def __init__(self, service: str, make_handler: Callable[[Config], ApplyHandler]) -> None:
         self.service = service
@@ -47,6 +49,7 @@ class Resources:
         self._pool: ConnectionPool | None = None
         self._producer: Producer | None = None
         self._handler: ApplyHandler | None = None
+        self._watch: pipeline.CommitWatch | None = None
         self._topics_ready = False
         self._last_purge = -math.inf
 
@@ -71,6 +74,19 @@ class Resources:
                 self._handler = self._make_handler(config)
             return self._handler
 
+    def watch(self) -> pipeline.CommitWatch:
+        """The commits notified on the service's database, for its lingering relay run."""
+        with self._lock:
+            if self._watch is None:
+                self._watch = pipeline.CommitWatch(
+                    lambda: psycopg.connect(
+                        config.database_url(self.service),
+                        autocommit=True,
+                        **db.connection_kwargs(config, f"{self.service}-relay-watch"),
+                    )
+                )
+            return self._watch
+
     def purge_due(self, interval: float) -> bool:
         """Whether this process last purged old rows `interval` seconds ago or more (purging
         scans the tables, so it runs far less often than the sweep)."""
@@ -91,6 +107,9 @@ class Resources:
             if self._pool is not None:
                 self._pool.close(timeout=5)
                 self._pool = None
+            if self._watch is not None:
+                self._watch.close()
+                self._watch = None
 
 
 class CloseResources(Middleware):
@@ -168,6 +187,7 @@ def declare(service: str, make_handler: Callable[[Config], ApplyHandler]) -> Ser
         release=lambda: broker.client.delete(relay_flag),
         interval=config.batch_interval,
         linger=config.relay_linger,
+        notified=lambda timeout: resources.watch().notified(timeout),
     )
 
     def relay_outbox() -> None:

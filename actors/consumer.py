@@ -48,6 +48,11 @@ OFFSET_COMMIT_SECONDS = 0.5
 # interval a burst waits only when it comes less than that after the batch before (a relay
 # pass that reached the consumer in two parts).
 PACE_SHARE = 0.5
+# The first `consume` can return part of a relay's burst, the rest following within a fraction
+# of a millisecond (librdkafka hands a fetched batch over partition by partition); that rest
+# then waited for the store of the first part and went in a transaction of its own (at 500
+# orders/s, 1.6 consumer batches per relay pass). Waiting this long for it takes it along.
+GATHER_SECONDS = 0.001
 
 
 def to_received(message: Message) -> Received:
@@ -86,6 +91,12 @@ def pacer(config: Config) -> pipeline.Pacer:
     return pipeline.Pacer(config.batch_interval * PACE_SHARE)
 
 
+def batch_wait(paced: pipeline.Pacer) -> float:
+    """How long to wait for more once a batch's first message is in: under load, until the
+    pacer's interval is over; always long enough for the rest of a relay's burst."""
+    return max(paced.remaining(), GATHER_SECONDS)
+
+
 def run(service: str, config: Config, stopping: threading.Event) -> None:
     """Consume until `stopping` is set; commit each batch's offsets after its inbox commit."""
     kafka.ensure_topics(config)
@@ -106,8 +117,8 @@ def run(service: str, config: Config, stopping: threading.Event) -> None:
             # consume(n, timeout) alone would wait for n messages or the whole timeout.
             messages = consumer.consume(num_messages=1, timeout=0.5)
             if messages:
-                # Under load, wait out the pacer's interval: what arrives meanwhile joins.
-                messages += consumer.consume(num_messages=BATCH - 1, timeout=paced.remaining())
+                # What arrives meanwhile joins (see batch_wait).
+                messages += consumer.consume(num_messages=BATCH - 1, timeout=batch_wait(paced))
                 paced.started(len(messages))
             batch = []
             for message in messages:

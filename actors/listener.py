@@ -11,10 +11,8 @@ Run it with `python -m actors.listener`."""
 from __future__ import annotations
 
 import logging
-import select
 import signal
 import threading
-from collections import Counter
 from collections.abc import Callable
 
 import psycopg
@@ -28,7 +26,7 @@ from services.common import db
 log = logging.getLogger("actors.listener")
 
 SERVICES: dict[str, ServiceActors] = {"orders": orders.actors, "payments": payments.actors}
-CHANNEL = "outbox_pending"
+CHANNEL = pipeline.OUTBOX_CHANNEL
 # Seconds a listener thread waits for a notification before it checks whether to stop.
 IDLE_WAIT = 0.5
 
@@ -79,34 +77,16 @@ def wake_relay(
     pending = 0  # notifications read and not yet served by a wake-up
     while not stopping.is_set():
         if not pending:
-            pending = notifications(pgconn, timeout=IDLE_WAIT).total()
+            pending = pipeline.notifications(pgconn, timeout=IDLE_WAIT).total()
         elif pacer.remaining():
             # Sleep until the wake-up is due rather than read every notification as it comes
             # (one per order under load), then read them all.
             stopping.wait(pacer.remaining())
-            pending += notifications(pgconn, timeout=0).total()
+            pending += pipeline.notifications(pgconn, timeout=0).total()
         if pending and not pacer.remaining():
             pacer.started(pending)
             pending = 0
             wake()
-
-
-def notifications(pgconn: pq.abc.PGconn, timeout: float) -> Counter[str]:
-    """How many notifications arrived on `pgconn` per channel, waiting at most `timeout` for
-    the first: all that arrived together are served by one wake-up.
-
-    libpq's own calls (select on the socket, PQconsumeInput, PQnotifies) rather than psycopg's
-    `Connection.notifies()`, whose generator machinery was most of the listener's CPU (py-spy).
-    A connection the server closed raises OperationalError (from `consume_input`, or reading
-    its socket) at the latest on the read after the server's goodbye; the caller reconnects."""
-    ready, _, _ = select.select([pgconn.socket], [], [], timeout)
-    received: Counter[str] = Counter()
-    if not ready:
-        return received
-    pgconn.consume_input()
-    while (note := pgconn.notifies()) is not None:
-        received[note.relname.decode()] += 1
-    return received
 
 
 def schedule_sweeps(stopping: threading.Event, send: Callable[[], None]) -> None:

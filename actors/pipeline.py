@@ -5,17 +5,21 @@ Every function takes its pool and clients as arguments, so tests call them direc
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import select
 import threading
 import time
+from collections import Counter as Tally
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+import psycopg
 from confluent_kafka import Producer
 from prometheus_client import Counter, Histogram, start_http_server
-from psycopg import Connection
+from psycopg import Connection, pq
 from psycopg_pool import ConnectionPool
 
 from services.common import inbox, outbox
@@ -129,6 +133,64 @@ def relay_outbox(pool: ConnectionPool, producer: Producer, config: Config) -> in
             return published
 
 
+# The channel every outbox insert notifies (once per transaction; db/sql/common).
+OUTBOX_CHANNEL: Final = "outbox_pending"
+
+
+def notifications(pgconn: pq.abc.PGconn, timeout: float) -> Tally[str]:
+    """How many notifications arrived on `pgconn` per channel, waiting at most `timeout` for
+    the first: all that arrived together are served by one wake-up.
+
+    libpq's own calls (select on the socket, PQconsumeInput, PQnotifies) rather than psycopg's
+    `Connection.notifies()`, whose generator machinery was most of the listener's CPU (py-spy).
+    A connection the server closed raises OperationalError (from `consume_input`, or reading
+    its socket) at the latest on the read after the server's goodbye; the caller reconnects."""
+    ready, _, _ = select.select([pgconn.socket], [], [], timeout)
+    received: Tally[str] = Tally()
+    if not ready:
+        return received
+    pgconn.consume_input()
+    while (note := pgconn.notifies()) is not None:
+        received[note.relname.decode()] += 1
+    return received
+
+
+class CommitWatch:
+    """Outbox commits notified on a service's database, seen by a lingering relay on a `LISTEN`
+    connection of its own (`connect` opens it), so that it can pass right after a burst of
+    commits instead of on its own clock."""
+
+    def __init__(
+        self, connect: Callable[[], Connection[Any]], sleep: Callable[[float], object] = time.sleep
+    ) -> None:
+        self._connect = connect
+        self._sleep = sleep
+        self._conn: Connection[Any] | None = None
+
+    def notified(self, timeout: float) -> bool:
+        """Whether an outbox commit was notified since the last call, waiting at most `timeout`
+        for one. When it cannot tell (no connection yet, or a broken one) it waits out
+        `timeout` and says yes: the caller then relays, which is always safe."""
+        try:
+            if self._conn is None:
+                self._conn = self._connect()
+                self._conn.execute(f"LISTEN {OUTBOX_CHANNEL}")
+                self._sleep(timeout)
+                return True  # commits made before LISTEN took hold were not notified
+            return bool(notifications(self._conn.pgconn, timeout))
+        except (psycopg.Error, OSError) as exc:
+            log.warning("relay: commit notifications unavailable (%s); relaying on the clock", exc)
+            self.close()
+            self._sleep(timeout)
+            return True
+
+    def close(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            with contextlib.suppress(psycopg.Error, OSError):
+                conn.close()
+
+
 # A relay run lingers this long at most, whatever RELAY_LINGER says: a worker's shutdown waits
 # for its running actors for 15 s (supervisord's and compose's --worker-shutdown-timeout).
 MAX_LINGER: Final = 10.0
@@ -155,6 +217,13 @@ class LingeringRelay:
     consumer transaction commits its batch's answers together). With `interval` 0 (no pacing)
     it never lingers.
 
+    With `notified` (`CommitWatch.notified`) a lingering run also watches commits. Commits
+    notified during a pass or the first half of the interval after it mean steady load (orders
+    arriving one by one): the next pass starts at the interval's end, as without it. Otherwise
+    the next pass starts as soon as a commit is notified (or two intervals after the last one
+    began, if none is): commits that come in bursts (a consumer commits its batch's answers
+    together, once per batch) are relayed as each lands rather than up to an interval later.
+
     One run lingers at a time. A run woken while another holds the flag (the flag expired, or
     the listener woke it just before the other took the flag) has nothing to do: the holder
     relays again after it, at the latest in its last pass. A run that fails lingering drops
@@ -171,10 +240,12 @@ class LingeringRelay:
         linger: float,
         min_batch: int = 3,
         short_passes: int = SHORT_PASSES,
+        notified: Callable[[float], bool] | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], object] = time.sleep,
     ) -> None:
         self._relay, self._hold, self._release = relay, hold, release
+        self._notified = notified
         self.interval, self.linger, self.min_batch = interval, min(linger, MAX_LINGER), min_batch
         self.short_passes = short_passes
         self._clock, self._sleep = clock, sleep
@@ -208,8 +279,10 @@ class LingeringRelay:
                 with self._state:
                     self._holding = True
                 self._hold()  # commits from here on are this run's to publish
-                self._sleep(max(0.0, started + self.interval - self._clock()))
+                self._wait(started)
                 started = self._clock()
+                if self._notified is not None:
+                    self._notified(0)  # what was notified so far, this pass publishes
                 batch = self._relay()
                 published += batch
                 short = short + 1 if batch < self.min_batch else 0
@@ -220,6 +293,18 @@ class LingeringRelay:
                 self._holding = False
             self._release()
         return published + self._relay()
+
+    def _wait(self, started: float) -> None:
+        """Until the next pass of a lingering run is due (the last one began at `started`)."""
+        due = started + self.interval
+        if self._notified is None:
+            self._sleep(max(0.0, due - self._clock()))
+            return
+        self._sleep(max(0.0, started + self.interval / 2 - self._clock()))
+        if self._notified(0):  # commits kept coming: steady load
+            self._sleep(max(0.0, due - self._clock()))
+        else:  # a burst is relayed as soon as its commit is notified
+            self._notified(max(0.0, started + 2 * self.interval - self._clock()))
 
 
 def observe(pool_name: str, report: inbox.ApplyReport) -> None:

@@ -20,8 +20,8 @@ from dramatiq.common import dq_name
 
 from actors import broker as actors_broker
 from actors.doorbell import MAX_TOKENS, DoorbellRedisBroker, doorbell
-from actors.listener import notifications, wake_relay
-from actors.pipeline import Pacer
+from actors.listener import wake_relay
+from actors.pipeline import CommitWatch, Pacer, notifications
 
 # A database of its own: the e2e system uses 9, a running `just up` uses 0.
 REDIS_URL = f"redis://127.0.0.1:{os.environ.get('REDIS_PORT', '6379')}/10"
@@ -140,6 +140,47 @@ def test_the_listener_reads_every_notification_that_arrived_together(orders_url:
         with pytest.raises(psycopg.OperationalError):  # the listener reconnects on this
             for _ in range(3):  # the first read may only find the server's goodbye message
                 notifications(listening.pgconn, timeout=5)
+
+
+def test_a_relays_commit_watch_sees_outbox_commits_and_survives_a_lost_connection(
+    orders_url: str,
+) -> None:
+    opened: list[psycopg.Connection[Any]] = []
+
+    def connect() -> psycopg.Connection[Any]:
+        opened.append(psycopg.connect(orders_url, autocommit=True))
+        return opened[-1]
+
+    watch = CommitWatch(connect)
+    with psycopg.connect(orders_url, autocommit=True) as other:
+        try:
+            # Before it listens it cannot tell what was committed: it says yes (relay).
+            assert watch.notified(0) is True
+            assert watch.notified(0.05) is False  # listening now, nothing committed
+            other.execute(
+                "INSERT INTO outbox (event_id, topic, key, payload) VALUES (%s, 't', 'k', '{}')",
+                [uuid.uuid4()],
+            )
+            assert watch.notified(5) is True  # the outbox trigger's notification
+            assert watch.notified(0.05) is False  # it was read once
+            # The server drops the connection: the watch notices within a read or two (the
+            # first may only find the server's goodbye), and says yes (relay) as it listens
+            # again on a new one.
+            other.execute("SELECT pg_terminate_backend(%s)", [opened[0].info.backend_pid])
+            answers: list[bool] = []
+            while len(opened) < 2 and len(answers) < 3:
+                answers.append(watch.notified(0.2))
+            assert len(opened) == 2 and answers[-1] is True
+            assert watch.notified(0.05) is False
+            other.execute(
+                "INSERT INTO outbox (event_id, topic, key, payload) VALUES (%s, 't', 'k', '{}')",
+                [uuid.uuid4()],
+            )
+            assert watch.notified(5) is True
+        finally:
+            watch.close()
+            other.execute("DELETE FROM outbox WHERE topic = 't'")
+    assert all(conn.closed for conn in opened)
 
 
 class Listening:

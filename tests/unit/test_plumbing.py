@@ -190,21 +190,46 @@ def test_a_consumer_takes_the_bursts_of_a_paced_relay_as_they_come() -> None:
     own_pace = burst_delays(consumer.pacer(config), interval)
     assert own_pace[len(own_pace) // 2] == 0
     assert own_pace[int(len(own_pace) * 0.99)] < 0.001
-    assert consumer.pacer(config).interval > 0  # still paced: a burst in two parts waits
+    # The rest of a burst that came in two parts is waited for, paced or not.
+    light, loaded = consumer.pacer(config), consumer.pacer(config)
+    loaded.started(10)
+    assert consumer.batch_wait(light) == consumer.GATHER_SECONDS > 0
+    assert consumer.batch_wait(loaded) == pytest.approx(interval / 2, abs=0.002)
 
 
 class RelayScript:
     """A relay's surroundings, scripted: what each relay pass publishes, how long it takes,
     and the order of everything the runs did (relay, hold, release, sleep)."""
 
-    def __init__(self, batches: list[int], seconds_per_relay: float = 0.005) -> None:
+    def __init__(
+        self,
+        batches: list[int],
+        seconds_per_relay: float = 0.005,
+        commits: list[float] | None = None,
+    ) -> None:
         self.batches = batches
         self.seconds_per_relay = seconds_per_relay
         self.now = 100.0
         self.log: list[str] = []
         self.during_sleep: Callable[[], object] = lambda: None
+        self.starts: list[float] = []  # when each pass began
+        # When outbox commits are notified (seconds after the run starts), for a relay that
+        # watches them; None: it does not.
+        self.commits = None if commits is None else sorted(100.0 + t for t in commits)
+
+    def notified(self, timeout: float) -> bool:
+        """`CommitWatch.notified` on the scripted clock."""
+        assert self.commits is not None and timeout >= 0
+        seen = [t for t in self.commits if t <= self.now + timeout]
+        if seen:
+            self.now = max(self.now, seen[0])
+            self.commits = [t for t in self.commits if t > self.now]
+        else:
+            self.now += timeout
+        return bool(seen)
 
     def relay(self) -> int:
+        self.starts.append(round((self.now - 100.0) * 1000, 1))
         self.now += self.seconds_per_relay
         batch = self.batches.pop(0) if self.batches else 0
         self.log.append(f"relay {batch}")
@@ -225,6 +250,7 @@ class RelayScript:
             release=lambda: self.log.append("release"),
             interval=interval,
             linger=linger,
+            notified=None if self.commits is None else self.notified,
             clock=lambda: self.now,
             sleep=self.sleep,
         )
@@ -254,6 +280,25 @@ def test_a_relay_woken_under_load_keeps_publishing_each_interval_holding_the_fla
         "hold", "sleep 15", "relay 0",
         "release", "relay 0",
     ]  # fmt: skip
+
+
+def test_a_relay_watching_commits_under_steady_load_passes_each_interval() -> None:
+    # Orders committed one by one, every 2 ms: the same passes as without the watch.
+    script = RelayScript([10, 10, 10, 1, 1, 1], commits=[i * 0.002 for i in range(60)])
+    assert script.run() == 33
+    assert script.starts == [0, 20, 40, 60, 80, 100, 105]
+
+
+def test_a_relay_watching_commits_passes_as_soon_as_a_burst_lands() -> None:
+    # A consumer commits its batch's answers together, once per batch: each pass starts as the
+    # commit is notified, not on the relay's own clock (with it: 0, 20, 40, 60, 80).
+    script = RelayScript([10, 10, 10, 10, 0], commits=[0.033, 0.049, 0.071])
+    assert script.run() == 40
+    assert script.starts[:4] == [0, 33, 49, 71]
+    # With no commit notified, a pass comes two intervals after the one before, and three short
+    # ones in a row end the run as without the watch.
+    assert script.starts[4:] == [111, 151, 191, 196]
+    assert script.log[-2:] == ["release", "relay 0"]
 
 
 def test_a_lingering_relay_keeps_going_past_a_short_batch_or_two() -> None:
