@@ -49,7 +49,13 @@ class Resources:
         self._pool: ConnectionPool | None = None
         self._producer: Producer | None = None
         self._handler: ApplyHandler | None = None
-        self._watch: pipeline.CommitWatch | None = None
+        self.watch = pipeline.CommitWatch(
+            lambda: psycopg.connect(
+                config.database_url(service),
+                autocommit=True,
+                **db.connection_kwargs(config, f"{service}-relay-watch"),
+            )
+        )
         self._topics_ready = False
         self._last_purge = -math.inf
 
@@ -74,19 +80,6 @@ class Resources:
                 self._handler = self._make_handler(config)
             return self._handler
 
-    def watch(self) -> pipeline.CommitWatch:
-        """The commits notified on the service's database, for its lingering relay run."""
-        with self._lock:
-            if self._watch is None:
-                self._watch = pipeline.CommitWatch(
-                    lambda: psycopg.connect(
-                        config.database_url(self.service),
-                        autocommit=True,
-                        **db.connection_kwargs(config, f"{self.service}-relay-watch"),
-                    )
-                )
-            return self._watch
-
     def purge_due(self, interval: float) -> bool:
         """Whether this process last purged old rows `interval` seconds ago or more (purging
         scans the tables, so it runs far less often than the sweep)."""
@@ -107,9 +100,7 @@ class Resources:
             if self._pool is not None:
                 self._pool.close(timeout=5)
                 self._pool = None
-            if self._watch is not None:
-                self._watch.close()
-                self._watch = None
+            self.watch.close()
 
 
 class CloseResources(Middleware):
@@ -187,7 +178,7 @@ def declare(service: str, make_handler: Callable[[Config], ApplyHandler]) -> Ser
         release=lambda: broker.client.delete(relay_flag),
         interval=config.batch_interval,
         linger=config.relay_linger,
-        notified=lambda timeout: resources.watch().notified(timeout),
+        watch=resources.watch,
     )
 
     def relay_outbox() -> None:

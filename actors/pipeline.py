@@ -14,7 +14,7 @@ import time
 from collections import Counter as Tally
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import psycopg
 from confluent_kafka import Producer
@@ -155,10 +155,20 @@ def notifications(pgconn: pq.abc.PGconn, timeout: float) -> Tally[str]:
     return received
 
 
+class Watch(Protocol):
+    """What a lingering relay needs of a `CommitWatch`."""
+
+    def notified(self, timeout: float) -> bool: ...
+
+    def stop(self) -> None: ...
+
+
 class CommitWatch:
     """Outbox commits notified on a service's database, seen by a lingering relay on a `LISTEN`
     connection of its own (`connect` opens it), so that it can pass right after a burst of
-    commits instead of on its own clock."""
+    commits instead of on its own clock. It listens only from the first `notified` until
+    `stop`: a connection listening with nobody reading would fill its socket, and Postgres
+    keeps every notification until each listener has taken it."""
 
     def __init__(
         self, connect: Callable[[], Connection[Any]], sleep: Callable[[float], object] = time.sleep
@@ -166,17 +176,21 @@ class CommitWatch:
         self._connect = connect
         self._sleep = sleep
         self._conn: Connection[Any] | None = None
+        self._listening = False
 
     def notified(self, timeout: float) -> bool:
         """Whether an outbox commit was notified since the last call, waiting at most `timeout`
-        for one. When it cannot tell (no connection yet, or a broken one) it waits out
-        `timeout` and says yes: the caller then relays, which is always safe."""
+        for one. When it cannot tell (it was not listening yet, or the connection broke) it
+        waits out `timeout` and says yes: the caller then relays, which is always safe."""
         try:
-            if self._conn is None:
-                self._conn = self._connect()
-                self._conn.execute(f"LISTEN {OUTBOX_CHANNEL}")
+            if not self._listening:
+                if self._conn is None:
+                    self._conn = self._connect()
+                self._command(b"LISTEN " + OUTBOX_CHANNEL.encode())
+                self._listening = True
                 self._sleep(timeout)
                 return True  # commits made before LISTEN took hold were not notified
+            assert self._conn is not None
             return bool(notifications(self._conn.pgconn, timeout))
         except (psycopg.Error, OSError) as exc:
             log.warning("relay: commit notifications unavailable (%s); relaying on the clock", exc)
@@ -184,7 +198,29 @@ class CommitWatch:
             self._sleep(timeout)
             return True
 
+    def stop(self) -> None:
+        """Stop listening until the next `notified`, dropping what was notified meanwhile."""
+        if not self._listening:
+            return
+        self._listening = False
+        try:
+            self._command(b"UNLISTEN *")
+        except (psycopg.Error, OSError):
+            self.close()
+
+    def _command(self, sql: bytes) -> None:
+        """Run `sql` with libpq's own call, so that the notifications it reads wait in libpq's
+        queue (which `notifications` drains) rather than in psycopg's backlog."""
+        assert self._conn is not None
+        pgconn = self._conn.pgconn
+        result = pgconn.exec_(sql)
+        if result.status != pq.ExecStatus.COMMAND_OK:
+            raise psycopg.OperationalError(pgconn.get_error_message())
+        while pgconn.notifies() is not None:
+            pass
+
     def close(self) -> None:
+        self._listening = False
         if self._conn is not None:
             conn, self._conn = self._conn, None
             with contextlib.suppress(psycopg.Error, OSError):
@@ -217,7 +253,7 @@ class LingeringRelay:
     consumer transaction commits its batch's answers together). With `interval` 0 (no pacing)
     it never lingers.
 
-    With `notified` (`CommitWatch.notified`) a lingering run also watches commits. Commits
+    With a `watch` (`CommitWatch`) a lingering run also watches commits. Commits
     notified during a pass or the first half of the interval after it mean steady load (orders
     arriving one by one): the next pass starts at the interval's end, as without it. Otherwise
     the next pass starts as soon as a commit is notified (or two intervals after the last one
@@ -240,12 +276,12 @@ class LingeringRelay:
         linger: float,
         min_batch: int = 3,
         short_passes: int = SHORT_PASSES,
-        notified: Callable[[float], bool] | None = None,
+        watch: Watch | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], object] = time.sleep,
     ) -> None:
         self._relay, self._hold, self._release = relay, hold, release
-        self._notified = notified
+        self._watch = watch
         self.interval, self.linger, self.min_batch = interval, min(linger, MAX_LINGER), min_batch
         self.short_passes = short_passes
         self._clock, self._sleep = clock, sleep
@@ -281,8 +317,8 @@ class LingeringRelay:
                 self._hold()  # commits from here on are this run's to publish
                 self._wait(started)
                 started = self._clock()
-                if self._notified is not None:
-                    self._notified(0)  # what was notified so far, this pass publishes
+                if self._watch is not None:
+                    self._watch.notified(0)  # what was notified so far, this pass publishes
                 batch = self._relay()
                 published += batch
                 short = short + 1 if batch < self.min_batch else 0
@@ -291,20 +327,22 @@ class LingeringRelay:
         finally:
             with self._state:
                 self._holding = False
+            if self._watch is not None:
+                self._watch.stop()
             self._release()
         return published + self._relay()
 
     def _wait(self, started: float) -> None:
         """Until the next pass of a lingering run is due (the last one began at `started`)."""
         due = started + self.interval
-        if self._notified is None:
+        if self._watch is None:
             self._sleep(max(0.0, due - self._clock()))
             return
         self._sleep(max(0.0, started + self.interval / 2 - self._clock()))
-        if self._notified(0):  # commits kept coming: steady load
+        if self._watch.notified(0):  # commits kept coming: steady load
             self._sleep(max(0.0, due - self._clock()))
         else:  # a burst is relayed as soon as its commit is notified
-            self._notified(max(0.0, started + 2 * self.interval - self._clock()))
+            self._watch.notified(max(0.0, started + 2 * self.interval - self._clock()))
 
 
 def observe(pool_name: str, report: inbox.ApplyReport) -> None:

@@ -177,6 +177,17 @@ def test_a_relays_commit_watch_sees_outbox_commits_and_survives_a_lost_connectio
                 [uuid.uuid4()],
             )
             assert watch.notified(5) is True
+            # Stopped, it does not listen: what is committed meanwhile is never reported (nor
+            # kept anywhere), and it says yes (relay) when it listens again.
+            watch.stop()
+            listening = opened[-1].execute("SELECT count(*) FROM pg_listening_channels()")
+            assert listening.fetchone() == (0,)
+            other.execute(
+                "INSERT INTO outbox (event_id, topic, key, payload) VALUES (%s, 't', 'k', '{}')",
+                [uuid.uuid4()],
+            )
+            assert watch.notified(0) is True
+            assert watch.notified(0.2) is False
         finally:
             watch.close()
             other.execute("DELETE FROM outbox WHERE topic = 't'")

@@ -228,6 +228,10 @@ class RelayScript:
             self.now += timeout
         return bool(seen)
 
+    def stop(self) -> None:
+        """`CommitWatch.stop`."""
+        self.log.append("stop watching")
+
     def relay(self) -> int:
         self.starts.append(round((self.now - 100.0) * 1000, 1))
         self.now += self.seconds_per_relay
@@ -250,7 +254,7 @@ class RelayScript:
             release=lambda: self.log.append("release"),
             interval=interval,
             linger=linger,
-            notified=None if self.commits is None else self.notified,
+            watch=None if self.commits is None else self,
             clock=lambda: self.now,
             sleep=self.sleep,
         )
@@ -298,7 +302,9 @@ def test_a_relay_watching_commits_passes_as_soon_as_a_burst_lands() -> None:
     # With no commit notified, a pass comes two intervals after the one before, and three short
     # ones in a row end the run as without the watch.
     assert script.starts[4:] == [111, 151, 191, 196]
-    assert script.log[-2:] == ["release", "relay 0"]
+    # It stops watching once it stops lingering: nobody would read the notifications.
+    assert script.log[-3:] == ["stop watching", "release", "relay 0"]
+    assert script.log.count("stop watching") == 1
 
 
 def test_a_lingering_relay_keeps_going_past_a_short_batch_or_two() -> None:
