@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import dramatiq
-import psycopg
 from confluent_kafka import Producer
 from dramatiq.middleware import Middleware
 from psycopg_pool import ConnectionPool
@@ -50,11 +49,7 @@ class Resources:
         self._producer: Producer | None = None
         self._handler: ApplyHandler | None = None
         self.watch = pipeline.CommitWatch(
-            lambda: psycopg.connect(
-                config.database_url(service),
-                autocommit=True,
-                **db.connection_kwargs(config, f"{service}-relay-watch"),
-            )
+            lambda: db.connect(config, service, f"{service}-relay-watch")
         )
         self._topics_ready = False
         self._last_purge = -math.inf

@@ -26,7 +26,6 @@ from services.common import db
 log = logging.getLogger("actors.listener")
 
 SERVICES: dict[str, ServiceActors] = {"orders": orders.actors, "payments": payments.actors}
-CHANNEL = pipeline.OUTBOX_CHANNEL
 # Seconds a listener thread waits for a notification before it checks whether to stop.
 IDLE_WAIT = 0.5
 
@@ -43,7 +42,6 @@ def listen(service: str, actors: ServiceActors, stopping: threading.Event) -> No
 
 
 def _listen(service: str, actors: ServiceActors, stopping: threading.Event) -> None:
-    kwargs = db.connection_kwargs(config, f"{service}-listener")
     for attempt in Retrying(
         retry=retry_if_exception_type((psycopg.OperationalError, OSError)),
         wait=wait_exponential_jitter(multiplier=0.2, max=5),
@@ -52,9 +50,9 @@ def _listen(service: str, actors: ServiceActors, stopping: threading.Event) -> N
         with attempt:
             if stopping.is_set():
                 return
-            with psycopg.connect(config.database_url(service), autocommit=True, **kwargs) as conn:
-                conn.execute(f"LISTEN {CHANNEL}")
-                log.info("%s: listening on %s", service, CHANNEL)
+            with db.connect(config, service, f"{service}-listener") as conn:
+                conn.execute(f"LISTEN {pipeline.OUTBOX_CHANNEL}")
+                log.info("%s: listening on %s", service, pipeline.OUTBOX_CHANNEL)
                 actors.sweep.send()  # whatever was notified while we were away
                 wake_relay(
                     conn.pgconn,

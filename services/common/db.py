@@ -24,6 +24,16 @@ def connection_kwargs(config: Config, application_name: str) -> dict[str, Any]:
     }
 
 
+def connect(config: Config, service: str, application_name: str) -> psycopg.Connection[Any]:
+    """One autocommit connection of its own to `service`'s database (a `LISTEN`er's), with the
+    pools' bounds."""
+    return psycopg.connect(
+        config.database_url(service),
+        autocommit=True,
+        **connection_kwargs(config, application_name),
+    )
+
+
 def async_pool(config: Config, service: str, application_name: str) -> AsyncConnectionPool:
     """A closed async pool for an HTTP service; open it in the app's lifespan."""
     return StampingAsyncPool(
