@@ -84,6 +84,12 @@ class Config:
     db_statement_timeout: float = field(
         default_factory=lambda: _env_float("DB_STATEMENT_TIMEOUT", 10)
     )
+    # A Postgres peer gone silent (its host down or the network cut: no FIN, no RST) is given
+    # up after about this long, whatever the connection was doing: waiting for an answer,
+    # writing, or idle on a LISTEN. statement_timeout only bounds a server that still answers.
+    db_dead_peer_timeout: float = field(
+        default_factory=lambda: _env_float("DB_DEAD_PEER_TIMEOUT", 10)
+    )
     http_timeout: float = field(default_factory=lambda: _env_float("HTTP_TIMEOUT", 5))
     kafka_timeout: float = field(default_factory=lambda: _env_float("KAFKA_TIMEOUT", 10))
 

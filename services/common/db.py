@@ -15,12 +15,43 @@ from services.common.config import Config
 UNAVAILABLE: tuple[type[BaseException], ...] = (psycopg.OperationalError, PoolTimeout)
 
 
-def connection_kwargs(config: Config, application_name: str) -> dict[str, Any]:
-    """Per-connection settings: bounded connect and statement time, a name in pg_stat_activity."""
-    return {
+def connection_kwargs(
+    config: Config, application_name: str, *, statement_timeout: bool = True
+) -> dict[str, Any]:
+    """Per-connection settings: bounded connect and statement time, a peer gone silent given up
+    (`dead_peer_kwargs`), a name in pg_stat_activity. Migrations go without the statement
+    bound: a migration may take its time."""
+    kwargs: dict[str, Any] = {
         "connect_timeout": max(1, round(config.db_connect_timeout)),
         "application_name": application_name,
-        "options": f"-c statement_timeout={int(config.db_statement_timeout * 1000)}",
+        **dead_peer_kwargs(config.db_dead_peer_timeout),
+    }
+    if statement_timeout:
+        kwargs["options"] = f"-c statement_timeout={int(config.db_statement_timeout * 1000)}"
+    return kwargs
+
+
+# Keepalive probes a silent peer gets before the connection is given up.
+KEEPALIVE_PROBES = 3
+
+
+def dead_peer_kwargs(seconds: float) -> dict[str, int]:
+    """libpq's TCP settings that give up on a peer gone silent after about `seconds`.
+
+    A server that vanished without closing the connection never answers, and the kernel keeps
+    a quiet socket (a listener waiting for notifications, a client waiting for a result) open
+    for hours, and retransmits unacknowledged writes for about fifteen minutes. Keepalive
+    probes start after `seconds` minus the probes' time, one per interval; TCP_USER_TIMEOUT
+    closes the connection once sent data or probes go unacknowledged for `seconds`. The
+    waiting call then fails, and its caller reconnects or retries as for any lost connection."""
+    total = max(KEEPALIVE_PROBES + 1, round(seconds))
+    interval = max(1, total // (KEEPALIVE_PROBES + 2))
+    return {
+        "keepalives": 1,
+        "keepalives_idle": total - interval * KEEPALIVE_PROBES,
+        "keepalives_interval": interval,
+        "keepalives_count": KEEPALIVE_PROBES,
+        "tcp_user_timeout": total * 1000,
     }
 
 

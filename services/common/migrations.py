@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
+from services.common import db
 from services.common.config import load
 
 SQL_ROOT = Path(__file__).resolve().parents[2] / "db" / "sql"
@@ -36,10 +38,11 @@ def migration_files(service: str) -> list[Path]:
     return common + own
 
 
-def migrate(conninfo: str, service: str) -> list[str]:
-    """Apply every pending migration in one transaction; return the names applied."""
+def migrate(conninfo: str, service: str, **connect_kwargs: Any) -> list[str]:
+    """Apply every pending migration in one transaction; return the names applied.
+    `connect_kwargs` go to `psycopg.connect` (`db.connection_kwargs`: the timeouts)."""
     applied_now: list[str] = []
-    with psycopg.connect(conninfo, autocommit=False) as conn:
+    with psycopg.connect(conninfo, autocommit=False, **connect_kwargs) as conn:
         conn.execute(CREATE_LEDGER)
         conn.execute(LOCK)
         done = {row[0] for row in conn.execute(APPLIED)}
@@ -56,7 +59,11 @@ def migrate(conninfo: str, service: str) -> list[str]:
 def main(argv: list[str]) -> int:
     config = load()
     for service in argv or SERVICES:
-        names = migrate(config.database_url(service), service)
+        names = migrate(
+            config.database_url(service),
+            service,
+            **db.connection_kwargs(config, f"{service}-migrations", statement_timeout=False),
+        )
         print(f"{service}: applied {len(names)} migration(s) {' '.join(names)}".rstrip())
     return 0
 

@@ -1,9 +1,12 @@
-"""The services' connection pool on a real database: statements autocommit, and a connection
-that died while idle (a database restart) is replaced before a request gets it."""
+"""The services' connection pool on a real database: statements autocommit, a connection
+that died while idle (a database restart) is replaced before a request gets it, and every
+connection gives up on a peer gone silent."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 from typing import Any
 
 import psycopg
@@ -92,3 +95,53 @@ def test_service_statements_autocommit(orders_url: str) -> None:
                 return other.execute("SELECT count(*) FROM pool_probe").fetchone()
 
     assert asyncio.run(scenario()) == (1,)
+
+
+def tcp_settings(fd: int) -> dict[str, int]:
+    """The kernel's keepalive and user-timeout settings of a connection's socket."""
+    with socket.socket(fileno=os.dup(fd)) as sock:
+        return {
+            "keepalive": sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+            "idle": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+            "interval": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+            "probes": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+            "user_timeout_ms": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
+        }
+
+
+def test_every_connection_gives_up_on_a_silent_peer_after_the_configured_time(
+    orders_url: str,
+) -> None:
+    # A server gone without closing the connection never answers: only the kernel can tell,
+    # and only if the socket asks it to. 30 s: probes from 12 s idle, one every 6 s, and
+    # unacknowledged data or probes close the connection after 30 s.
+    config = Config(orders_database_url=orders_url, db_dead_peer_timeout=30)
+    expected = {"keepalive": 1, "idle": 12, "interval": 6, "probes": 3, "user_timeout_ms": 30_000}
+    default = tcp_settings_of_a_plain_connection(orders_url)
+    assert default != expected  # the kernel's defaults differ: the settings below are ours
+
+    with db.connect(config, "orders", NAME) as listening:  # listener, relay commit watch
+        assert tcp_settings(listening.pgconn.socket) == expected
+    with db.sync_pool(config, "orders", NAME, size=1) as pool, pool.connection() as conn:
+        assert tcp_settings(conn.pgconn.socket) == expected  # actors and consumers
+
+    async def service_pool() -> dict[str, int]:
+        async with (
+            db.async_pool(config, "orders", NAME) as apool,
+            apool.connection() as aconn,
+        ):
+            return tcp_settings(aconn.pgconn.socket)
+
+    assert asyncio.run(service_pool()) == expected  # the HTTP services
+
+
+def tcp_settings_of_a_plain_connection(url: str) -> dict[str, int]:
+    with psycopg.connect(url) as conn:
+        return tcp_settings(conn.pgconn.socket)
+
+
+def test_migrations_connect_with_the_timeouts_but_no_statement_bound() -> None:
+    kwargs = db.connection_kwargs(Config(), "orders-migrations", statement_timeout=False)
+    assert "options" not in kwargs  # a migration may take its time
+    assert kwargs["connect_timeout"] == 5
+    assert kwargs["tcp_user_timeout"] == 10_000

@@ -13,7 +13,7 @@ from starlette.testclient import TestClient
 
 from actors import consumer
 from actors.pipeline import MAX_LINGER, LingeringRelay, Pacer, to_outgoing
-from services.common import api, validation
+from services.common import api, db, validation
 from services.common.api import build_app
 from services.common.config import Config
 from services.common.events import PoisonMessage
@@ -400,3 +400,23 @@ def test_a_lingering_relay_that_fails_drops_the_flag() -> None:
     kafka_down, script.log, script.batches = False, [], [1]
     assert relayer.run() == 1
     assert script.log[-2:] == ["release", "relay 1"]
+
+
+@pytest.mark.parametrize(
+    ("seconds", "idle", "interval", "total"),
+    [(10, 4, 2, 10), (30, 12, 6, 30), (60, 24, 12, 60), (1, 1, 1, 4), (4.4, 1, 1, 4)],
+)
+def test_a_silent_peer_is_given_up_after_about_the_configured_time(
+    seconds: float, idle: int, interval: int, total: int
+) -> None:
+    kwargs = db.dead_peer_kwargs(seconds)
+    assert kwargs == {
+        "keepalives": 1,
+        "keepalives_idle": idle,
+        "keepalives_interval": interval,
+        "keepalives_count": db.KEEPALIVE_PROBES,
+        "tcp_user_timeout": total * 1000,
+    }
+    # The last probe goes out no later than the user timeout closes the connection.
+    assert idle + interval * db.KEEPALIVE_PROBES <= total
+    assert idle >= 1
