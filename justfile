@@ -57,9 +57,20 @@ lint:
 
 # The whole suite: lint, servers up, unit + integration + e2e tests, coverage >= 85%.
 test *args: lint
+    #!/usr/bin/env bash
+    set -euo pipefail
+    # Servers this run has to start are stopped after it; KEEP_STACK=1 keeps them for the next.
+    servers=$(scripts/stack.sh status 2>/dev/null || true)
+    if grep -qv '^[a-z]* *down ' <<<"$servers"; then started=0; else started=1; fi
     scripts/stack.sh up
     rm -f .coverage .coverage.*
-    pytest --cov --cov-report=term "$@"
+    rc=0
+    pytest --cov --cov-report=term "$@" || rc=$?
+    if ((started)) && [ -z "${KEEP_STACK:-}" ]; then
+      echo "==> stopping the servers this run started (KEEP_STACK=1 keeps them)"
+      scripts/stack.sh down
+    fi
+    exit "$rc"
 
 # --- Demo scenarios ---
 # Each prints its HTTP calls and answers as a story, against GATEWAY_URL (default
