@@ -106,15 +106,27 @@ class OrderWriter:
                 row = await (await conn.execute(queries.CREATE_ORDER, batch[0])).fetchone()
                 assert row is not None  # INSERT … RETURNING always returns the row it inserted
                 return [row]
+            # BEGIN, the inserts and COMMIT leave in one flight and the results come back
+            # together at the pipeline's sync: one round trip. (`conn.transaction()` would
+            # wait for the inserts' results before sending COMMIT, and for BEGIN's before the
+            # inserts: the orders' rows stayed uncommitted, invisible to the relay, for as long
+            # as this process took to come back to them, 6 ms at the median at 500 orders/s.)
+            try:
+                async with conn.pipeline():
+                    await conn.execute("BEGIN")
+                    inserts = [await conn.execute(queries.CREATE_ORDER, p) for p in batch]
+                    await conn.execute("COMMIT")
+            except BaseException:
+                # A failed insert aborts the transaction and Postgres skips the rest, COMMIT
+                # included; the block stays open until a ROLLBACK.
+                with contextlib.suppress(psycopg.Error):
+                    await conn.rollback()
+                raise
             rows: list[Row] = []
-            async with conn.transaction(), conn.cursor() as cur:
-                await cur.executemany(queries.CREATE_ORDER, batch, returning=True)
-                while True:
-                    row = await cur.fetchone()
-                    assert row is not None
-                    rows.append(row)
-                    if not cur.nextset():
-                        break
+            for cursor in inserts:
+                row = await cursor.fetchone()
+                assert row is not None
+                rows.append(row)
             return rows
 
 
