@@ -5,19 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import tempfile
 import uuid
 from typing import Any
 
 import psycopg
 import pytest
-from psycopg import pq
 from psycopg_pool import AsyncConnectionPool
 
 from services.common import outbox
 from services.common.ids import uuid7
 from services.orders.domain import payment_requested
 from services.orders.writer import OrderWriter
+from tests.pqtrace import sent_messages
 
 
 def order_params(order_id: uuid.UUID | None = None) -> dict[str, Any]:
@@ -61,35 +60,28 @@ def test_orders_created_at_once_share_transactions_and_each_gets_its_outbox_row(
 
 def test_a_batch_is_one_round_trip_begin_inserts_and_commit_together(orders_url: str) -> None:
     # The orders' rows are invisible to the relay until COMMIT: it must leave with the inserts,
-    # not after the client has read their results (libpq's protocol trace of the connection).
-    async def run(trace: Any) -> list[Any]:
-        async def traced(conn: psycopg.AsyncConnection[Any]) -> None:
-            conn.pgconn.trace(trace.fileno())
-            conn.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS)
-
+    # not after the client has read their results.
+    async def run() -> tuple[list[Any], list[tuple[str, str]]]:
         async with AsyncConnectionPool(
-            orders_url, kwargs={"autocommit": True}, configure=traced, min_size=1, max_size=1
+            orders_url, kwargs={"autocommit": True}, min_size=1, max_size=1
         ) as pool:
+            async with pool.connection() as conn:  # the pool's only one
+                pgconn = conn.pgconn
             writer = OrderWriter(pool, timeout=30)
             try:
-                rows = await asyncio.gather(*(writer.create(order_params()) for _ in range(8)))
+                with sent_messages(pgconn) as sent:
+                    rows = await asyncio.gather(*(writer.create(order_params()) for _ in range(8)))
             finally:
                 await writer.close()
-            async with pool.connection() as conn:  # the pool's only one
-                conn.pgconn.untrace()  # flushes libpq's buffered trace
-            return rows
+            return rows, sent
 
-    with tempfile.TemporaryFile("w+") as trace:
-        rows = asyncio.run(run(trace))
-        trace.seek(0)
-        sent = collections.Counter(
-            line.rstrip("\n").split("\t")[2] for line in trace if line.startswith("F\t")
-        )
+    rows, sent = asyncio.run(run())
 
     assert len(rows) == 8
-    assert sent["Execute"] == 10  # BEGIN, eight inserts, COMMIT: one batch
-    assert sent["Sync"] == 1  # ... and the client waited for the server once
-    assert sent["Query"] == 0  # no BEGIN or COMMIT of their own
+    kinds = collections.Counter(kind for kind, _ in sent)
+    assert kinds["Execute"] == 10  # BEGIN, eight inserts, COMMIT: one batch
+    assert kinds["Sync"] == 1  # ... and the client waited for the server once
+    assert kinds["Query"] == 0  # no BEGIN or COMMIT of their own
 
 
 def test_an_order_that_fails_in_a_batch_fails_alone(
