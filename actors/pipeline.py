@@ -377,11 +377,29 @@ def record_and_apply(
 ) -> inbox.ApplyReport:
     """The consumer's path: record a batch in the inbox and apply it in the same transaction,
     so an event's inbox row, its effect and its outgoing outbox row commit together; a failing
-    event is rolled back alone and left for the sweeper to retry with backoff."""
+    event is rolled back alone and left for the sweeper to retry with backoff.
+
+    The batch is applied whole first, with no savepoint (two round trips fewer between the
+    effects and their commit, in every consumer transaction). If an event fails, the whole
+    transaction is rolled back, and the batch is recorded again and applied event by event,
+    one savepoint each."""
+    try:
+        with conn.transaction():
+            conn.execute(inbox.APPLY_LOCK)
+            rows = inbox.record_processed(conn, messages)
+            inbox.apply_whole(conn, handler, rows)
+            return inbox.ApplyReport(applied=len(rows))
+    except psycopg.OperationalError:
+        raise  # the connection itself is gone: the consumer retries on a new one
+    except Exception as exc:
+        failure = inbox.describe_failure(exc)
+        log.debug("batch of %d rolled back whole (%s)", len(messages), failure)
     with conn.transaction():
         conn.execute(inbox.APPLY_LOCK)
         rows = inbox.record_processed(conn, messages)
-        return inbox.apply_recorded(conn, handler, rows, max_attempts=config.max_attempts)
+        return inbox.apply_recorded_one_by_one(
+            conn, handler, rows, max_attempts=config.max_attempts, failure=failure
+        )
 
 
 @dataclass(frozen=True)

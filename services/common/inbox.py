@@ -146,7 +146,7 @@ def record(conn: psycopg.Connection[Any], messages: Iterable[Received]) -> None:
 
 def record_processed(conn: psycopg.Connection[Any], messages: Sequence[Received]) -> list[Pending]:
     """Insert received messages already marked processed, for the caller to apply in the same
-    transaction (`apply_recorded`); return the new ones in arrival order (duplicates of an
+    transaction (`apply_whole`); return the new ones in arrival order (duplicates of an
     `event_id` already there are skipped)."""
     rows = conn.execute(
         INSERT_PROCESSED,
@@ -219,17 +219,33 @@ def apply_batch(
     return _apply_rows(conn, handler, rows, max_attempts, marked=False)
 
 
-def apply_recorded(
+def apply_whole(
+    conn: psycopg.Connection[Any], handler: ApplyHandler, rows: Sequence[Pending]
+) -> None:
+    """Apply every row inside the caller's transaction; the first failing event raises."""
+    apply_all = getattr(handler, "apply_all", None)
+    if apply_all is not None:  # a handler that can apply a whole batch at once
+        apply_all(conn, rows)
+    else:
+        for pending in rows:
+            handler(conn, pending)
+
+
+def apply_recorded_one_by_one(
     conn: psycopg.Connection[Any],
     handler: ApplyHandler,
     rows: Sequence[Pending],
     *,
     max_attempts: int,
+    failure: str,
 ) -> ApplyReport:
-    """Apply rows `record_processed` has just inserted, inside the caller's transaction (which
-    holds `APPLY_LOCK`), as `apply_batch` does: whole if every event succeeds, else event by
-    event after un-marking them."""
-    return _apply_rows(conn, handler, rows, max_attempts, marked=True)
+    """Apply rows `record_processed` has just inserted event by event, inside the caller's
+    transaction (which holds `APPLY_LOCK`): the way back for a batch that failed whole
+    (`failure` says why) in a transaction the caller rolled back and recorded again."""
+    conn.execute(UNMARK_ALL, {"event_ids": [p.event_id for p in rows]})
+    report = _apply_one_by_one(conn, handler, rows, max_attempts)
+    _warn_if_no_event_failed(report, len(rows), failure)
+    return report
 
 
 def _apply_rows(
@@ -245,12 +261,7 @@ def _apply_rows(
     event_ids = [p.event_id for p in rows]
     try:
         with conn.transaction():
-            apply_all = getattr(handler, "apply_all", None)
-            if apply_all is not None:  # a handler that can apply a whole batch at once
-                apply_all(conn, rows)
-            else:
-                for pending in rows:
-                    handler(conn, pending)
+            apply_whole(conn, handler, rows)
             if not marked:
                 conn.execute(MARK_ALL_PROCESSED, {"event_ids": event_ids})
         return ApplyReport(applied=len(rows))
@@ -262,16 +273,20 @@ def _apply_rows(
     if marked:
         conn.execute(UNMARK_ALL, {"event_ids": event_ids})
     report = _apply_one_by_one(conn, handler, rows, max_attempts)
-    if report.applied == len(rows):
+    _warn_if_no_event_failed(report, len(rows), failure)
+    return report
+
+
+def _warn_if_no_event_failed(report: ApplyReport, batch: int, failure: str) -> None:
+    if report.applied == batch:
         # No event is at fault, so the batch path is: correct, but every batch now costs a
         # transaction per event. (A failing event logs its own warning instead.)
         log.warning(
             "batch of %d failed whole but every event applied alone; the batch path is at "
             "fault: %s",
-            len(rows),
+            batch,
             failure,
         )
-    return report
 
 
 def _apply_one_by_one(

@@ -31,6 +31,7 @@ from services.payments import queries as payments_queries
 from services.payments.domain import new_account
 from services.payments.handlers import make_handler as payments_handler
 from tests.conftest import plan_nodes
+from tests.pqtrace import sent_messages
 
 
 @pytest.fixture
@@ -313,6 +314,34 @@ def test_the_consumer_applies_what_it_records_in_the_same_transaction(
         str(order_ids[1]): "paid",
         str(order_ids[2]): "failed",
     }
+
+
+def test_the_consumer_path_applies_a_clean_batch_without_a_savepoint(
+    config: Config, payments_db: psycopg.Connection[Any]
+) -> None:
+    # Every statement is a round trip; the payments' answers are invisible to the relay until
+    # COMMIT, so nothing should stand between the debit and it. Only a failing batch goes
+    # back to a savepoint per event.
+    users = [funded_user(payments_db, 100) for _ in range(3)]
+    payments_db.commit()
+    topic = config.topic(TOPIC_PAYMENT_REQUESTED)
+    batch = []
+    for offset, user_id in enumerate(users * 2):
+        envelope = payment_requested(uuid.uuid4(), user_id, 30)
+        value = encode(envelope.to_json())
+        batch.append(inbox.Received(envelope.event_id, topic, str(user_id), 0, offset, value))
+
+    with sent_messages(payments_db.pgconn) as sent:
+        report = pipeline.record_and_apply(payments_db, batch, payments_handler(config), config)
+
+    assert report == inbox.ApplyReport(applied=6)
+    queries = [content for kind, content in sent if kind == "Query"]
+    assert not [q for q in queries if "SAVEPOINT" in q], queries
+    assert queries[0] == '"BEGIN"' and queries[-1] == '"COMMIT"'
+    balances = payments_db.execute(
+        "SELECT balance FROM accounts WHERE user_id = ANY(%s)", [users]
+    ).fetchall()
+    assert balances == [(40,)] * 3
 
 
 def test_the_consumer_path_applies_in_arrival_order_skips_duplicates_and_leaves_failures_pending(
