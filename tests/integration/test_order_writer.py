@@ -79,7 +79,7 @@ def test_a_batch_is_one_round_trip_begin_inserts_and_commit_together(orders_url:
 
     assert len(rows) == 8
     kinds = collections.Counter(kind for kind, _ in sent)
-    assert kinds["Execute"] == 10  # BEGIN, eight inserts, COMMIT: one batch
+    assert kinds["Execute"] == 11  # BEGIN, eight inserts, their rows read back, COMMIT
     assert kinds["Sync"] == 1  # ... and the client waited for the server once
     assert kinds["Query"] == 0  # no BEGIN or COMMIT of their own
 
