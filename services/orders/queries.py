@@ -21,7 +21,6 @@ RETURNING {ORDER_COLUMNS}
 """
 
 GET_ORDER: Final = f"SELECT {ORDER_COLUMNS} FROM orders WHERE id = %(id)s"
-GET_ORDERS: Final = f"SELECT {ORDER_COLUMNS} FROM orders WHERE id = ANY(%(ids)b)"
 
 # Each filter is a fixed fragment; `list_orders` picks the ones a request uses, so every
 # combination stays a plain indexed query instead of one `(%s IS NULL OR …)` catch-all.

@@ -106,29 +106,16 @@ class OrderWriter:
                 row = await (await conn.execute(queries.CREATE_ORDER, batch[0])).fetchone()
                 assert row is not None  # INSERT … RETURNING always returns the row it inserted
                 return [row]
-            # BEGIN, the inserts, a read of their rows and COMMIT leave in one flight, and the
-            # results come back together at the pipeline's sync: one round trip.
-            # (`conn.transaction()` with `executemany(returning=True)` waited for BEGIN's
-            # answer, then for the inserts', before sending COMMIT: the orders stayed
-            # uncommitted, invisible to the relay, for as long as this process took to come
-            # back to them, 6 ms at the median at 500 orders/s.)
-            try:
-                async with conn.pipeline():
-                    await conn.execute("BEGIN")
-                    async with conn.cursor() as cur:
-                        await cur.executemany(queries.CREATE_ORDER, batch)  # no fetch
-                    written = await conn.execute(
-                        queries.GET_ORDERS, {"ids": [p["id"] for p in batch]}
-                    )
-                    await conn.execute("COMMIT")
-            except BaseException:
-                # A failed insert aborts the transaction and Postgres skips the rest, COMMIT
-                # included; the block stays open until a ROLLBACK.
-                with contextlib.suppress(psycopg.Error):
-                    await conn.rollback()
-                raise
-            by_id = {row[0]: row for row in await written.fetchall()}
-            return [by_id[params["id"]] for params in batch]
+            rows: list[Row] = []
+            async with conn.transaction(), conn.cursor() as cur:
+                await cur.executemany(queries.CREATE_ORDER, batch, returning=True)
+                while True:
+                    row = await cur.fetchone()
+                    assert row is not None
+                    rows.append(row)
+                    if not cur.nextset():
+                        break
+            return rows
 
 
 def _fail(future: asyncio.Future[Row], exc: BaseException) -> None:

@@ -4,7 +4,6 @@ each still gets its own row and outbox row, and one bad order fails alone."""
 from __future__ import annotations
 
 import asyncio
-import collections
 import uuid
 from typing import Any
 
@@ -16,7 +15,6 @@ from services.common import outbox
 from services.common.ids import uuid7
 from services.orders.domain import payment_requested
 from services.orders.writer import OrderWriter
-from tests.pqtrace import sent_messages
 
 
 def order_params(order_id: uuid.UUID | None = None) -> dict[str, Any]:
@@ -56,32 +54,6 @@ def test_orders_created_at_once_share_transactions_and_each_gets_its_outbox_row(
         [[str(i) for i in ids]],
     ).fetchone()
     assert events == (len(batch),)
-
-
-def test_a_batch_is_one_round_trip_begin_inserts_and_commit_together(orders_url: str) -> None:
-    # The orders' rows are invisible to the relay until COMMIT: it must leave with the inserts,
-    # not after the client has read their results.
-    async def run() -> tuple[list[Any], list[tuple[str, str]]]:
-        async with AsyncConnectionPool(
-            orders_url, kwargs={"autocommit": True}, min_size=1, max_size=1
-        ) as pool:
-            async with pool.connection() as conn:  # the pool's only one
-                pgconn = conn.pgconn
-            writer = OrderWriter(pool, timeout=30)
-            try:
-                with sent_messages(pgconn) as sent:
-                    rows = await asyncio.gather(*(writer.create(order_params()) for _ in range(8)))
-            finally:
-                await writer.close()
-            return rows, sent
-
-    rows, sent = asyncio.run(run())
-
-    assert len(rows) == 8
-    kinds = collections.Counter(kind for kind, _ in sent)
-    assert kinds["Execute"] == 11  # BEGIN, eight inserts, their rows read back, COMMIT
-    assert kinds["Sync"] == 1  # ... and the client waited for the server once
-    assert kinds["Query"] == 0  # no BEGIN or COMMIT of their own
 
 
 def test_an_order_that_fails_in_a_batch_fails_alone(
