@@ -216,7 +216,7 @@ def apply_batch(
             CLAIM, {"limit": limit}
         ).fetchall()
     ]
-    return _apply_rows(conn, handler, rows, max_attempts, marked=False)
+    return _apply_rows(conn, handler, rows, max_attempts)
 
 
 def apply_whole(
@@ -253,8 +253,6 @@ def _apply_rows(
     handler: ApplyHandler,
     rows: Sequence[Pending],
     max_attempts: int,
-    *,
-    marked: bool,
 ) -> ApplyReport:
     if not rows:
         return ApplyReport()
@@ -262,16 +260,13 @@ def _apply_rows(
     try:
         with conn.transaction():
             apply_whole(conn, handler, rows)
-            if not marked:
-                conn.execute(MARK_ALL_PROCESSED, {"event_ids": event_ids})
+            conn.execute(MARK_ALL_PROCESSED, {"event_ids": event_ids})
         return ApplyReport(applied=len(rows))
     except psycopg.OperationalError:
         raise  # the connection itself is gone: nothing here can be recorded
     except Exception as exc:  # some event failed: redo the batch event by event, below
         failure = describe_failure(exc)
         log.debug("batch of %d rolled back (%s)", len(rows), failure)
-    if marked:
-        conn.execute(UNMARK_ALL, {"event_ids": event_ids})
     report = _apply_one_by_one(conn, handler, rows, max_attempts)
     _warn_if_no_event_failed(report, len(rows), failure)
     return report
