@@ -223,6 +223,8 @@ def apply_whole(
     conn: psycopg.Connection[Any], handler: ApplyHandler, rows: Sequence[Pending]
 ) -> None:
     """Apply every row inside the caller's transaction; the first failing event raises."""
+    if not rows:  # a batch of duplicates only: no statement at all
+        return
     apply_all = getattr(handler, "apply_all", None)
     if apply_all is not None:  # a handler that can apply a whole batch at once
         apply_all(conn, rows)
@@ -243,9 +245,7 @@ def apply_recorded_one_by_one(
     transaction (which holds `APPLY_LOCK`): the way back for a batch that failed whole
     (`failure` says why) in a transaction the caller rolled back and recorded again."""
     conn.execute(UNMARK_ALL, {"event_ids": [p.event_id for p in rows]})
-    report = _apply_one_by_one(conn, handler, rows, max_attempts)
-    _warn_if_no_event_failed(report, len(rows), failure)
-    return report
+    return _apply_one_by_one(conn, handler, rows, max_attempts, failure)
 
 
 def _apply_rows(
@@ -267,29 +267,17 @@ def _apply_rows(
     except Exception as exc:  # some event failed: redo the batch event by event, below
         failure = describe_failure(exc)
         log.debug("batch of %d rolled back (%s)", len(rows), failure)
-    report = _apply_one_by_one(conn, handler, rows, max_attempts)
-    _warn_if_no_event_failed(report, len(rows), failure)
-    return report
-
-
-def _warn_if_no_event_failed(report: ApplyReport, batch: int, failure: str) -> None:
-    if report.applied == batch:
-        # No event is at fault, so the batch path is: correct, but every batch now costs a
-        # transaction per event. (A failing event logs its own warning instead.)
-        log.warning(
-            "batch of %d failed whole but every event applied alone; the batch path is at "
-            "fault: %s",
-            batch,
-            failure,
-        )
+    return _apply_one_by_one(conn, handler, rows, max_attempts, failure)
 
 
 def _apply_one_by_one(
     conn: psycopg.Connection[Any],
     handler: ApplyHandler,
-    rows: Iterable[Pending],
+    rows: Sequence[Pending],
     max_attempts: int,
+    failure: str,
 ) -> ApplyReport:
+    """A batch that failed whole (`failure` says why), applied again one savepoint per event."""
     applied = retried = dead = 0
     for pending in rows:
         event_id = pending.event_id
@@ -316,4 +304,13 @@ def _apply_one_by_one(
                     },
                 )
                 retried += 1
+    if applied == len(rows):
+        # No event is at fault, so the batch path is: correct, but every batch now costs a
+        # transaction per event. (A failing event logs its own warning instead.)
+        log.warning(
+            "batch of %d failed whole but every event applied alone; the batch path is at "
+            "fault: %s",
+            len(rows),
+            failure,
+        )
     return ApplyReport(applied, retried, dead)
