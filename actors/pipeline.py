@@ -383,17 +383,17 @@ def record_and_apply(
     effects and their commit, in every consumer transaction). If an event fails, the whole
     transaction is rolled back, and the batch is recorded again and applied event by event,
     one savepoint each."""
-    try:
-        with conn.transaction():
-            conn.execute(inbox.APPLY_LOCK)
-            rows = inbox.record_processed(conn, messages)
-            inbox.apply_whole(conn, handler, rows)
-            return inbox.ApplyReport(applied=len(rows))
-    except psycopg.OperationalError:
-        raise  # the connection itself is gone: the consumer retries on a new one
-    except Exception as exc:
-        failure = inbox.describe_failure(exc)
-        log.debug("batch of %d rolled back whole (%s)", len(messages), failure)
+    recorded: list[inbox.Pending] = []
+
+    def whole() -> None:
+        conn.execute(inbox.APPLY_LOCK)
+        recorded[:] = inbox.record_processed(conn, messages)
+        inbox.apply_whole(conn, handler, recorded)
+
+    # A lost connection is raised: the consumer retries on a new one.
+    failure = inbox.failure_of_whole(conn, whole, len(messages))
+    if failure is None:
+        return inbox.ApplyReport(applied=len(recorded))
     with conn.transaction():
         conn.execute(inbox.APPLY_LOCK)
         rows = inbox.record_processed(conn, messages)

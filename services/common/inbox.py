@@ -257,17 +257,33 @@ def _apply_rows(
     if not rows:
         return ApplyReport()
     event_ids = [p.event_id for p in rows]
+
+    def whole() -> None:
+        apply_whole(conn, handler, rows)
+        conn.execute(MARK_ALL_PROCESSED, {"event_ids": event_ids})
+
+    failure = failure_of_whole(conn, whole, len(rows))
+    if failure is None:
+        return ApplyReport(applied=len(rows))
+    return _apply_one_by_one(conn, handler, rows, max_attempts, failure)
+
+
+def failure_of_whole(
+    conn: psycopg.Connection[Any], body: Callable[[], object], size: int
+) -> str | None:
+    """Run `body` (a batch of `size` events applied whole) in a transaction, or a savepoint
+    inside the caller's: None if it went through, else why it was rolled back (for the event by
+    event way back). A lost connection is raised: nothing can be recorded on it."""
     try:
         with conn.transaction():
-            apply_whole(conn, handler, rows)
-            conn.execute(MARK_ALL_PROCESSED, {"event_ids": event_ids})
-        return ApplyReport(applied=len(rows))
+            body()
+        return None
     except psycopg.OperationalError:
-        raise  # the connection itself is gone: nothing here can be recorded
-    except Exception as exc:  # some event failed: redo the batch event by event, below
+        raise
+    except Exception as exc:  # some event failed
         failure = describe_failure(exc)
-        log.debug("batch of %d rolled back (%s)", len(rows), failure)
-    return _apply_one_by_one(conn, handler, rows, max_attempts, failure)
+        log.debug("batch of %d rolled back whole (%s)", size, failure)
+        return failure
 
 
 def _apply_one_by_one(
