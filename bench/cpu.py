@@ -173,15 +173,19 @@ class Sample:
     runqueue_wait: dict[str, float] = field(default_factory=dict)
     # seconds since boot in which some, and all, non-idle tasks were stalled on I/O
     io_stall: tuple[float, float] | None = None
+    # CPU seconds since boot the hypervisor ran something else while this VM had work (steal)
+    machine_steal: float = 0.0
 
 
-def machine_busy_seconds() -> float:
-    """CPU seconds every core spent not idle since boot (first line of /proc/stat)."""
-    values = [int(v) for v in (PROC / "stat").read_text().split("\n", 1)[0].split()[1:]]
-    # user, nice, system, irq, softirq; not idle, iowait, or steal (the hypervisor's); guest
-    # time is already inside user time.
+def parse_machine(text: str) -> tuple[float, float]:
+    """(busy, steal): CPU seconds every core spent not idle, and that the hypervisor took
+    while this VM had work to run, since boot (the first line of /proc/stat)."""
+    values = [int(v) for v in text.split("\n", 1)[0].split()[1:]]
+    # busy: user, nice, system, irq, softirq; not idle, iowait, or steal (the hypervisor's);
+    # guest time is already inside user time. Kernels before 2.6.11 have no steal field.
     user, nice, system, irq, softirq = values[0], values[1], values[2], values[5], values[6]
-    return (user + nice + system + irq + softirq) / CLOCK_TICKS
+    steal = values[7] if len(values) > 7 else 0
+    return (user + nice + system + irq + softirq) / CLOCK_TICKS, steal / CLOCK_TICKS
 
 
 def parse_pressure(text: str) -> tuple[float, float]:
@@ -240,14 +244,9 @@ def take_sample(groups: Iterable[Group]) -> Sample:
         if group.name == "postgres":
             for pid in members - {group.root}:
                 postgres[pid] = (_postgres_title(pid), table[pid].own_ticks / CLOCK_TICKS)
+    busy, steal = parse_machine((PROC / "stat").read_text())
     return Sample(
-        time.monotonic(),
-        seconds,
-        alive,
-        postgres,
-        machine_busy_seconds(),
-        waits,
-        io_stall_seconds(),
+        time.monotonic(), seconds, alive, postgres, busy, waits, io_stall_seconds(), steal
     )
 
 
@@ -313,6 +312,10 @@ def usage(
         "wall_total_s": round(after.at - before.at, 3),
         # % of the sending time in which some / all non-idle tasks waited on I/O
         "io_pressure_send_pct": io_pressure,
+        # CPU the hypervisor gave to others while this VM had work, % of one core
+        "steal_send_pct": round(
+            max(send_end.machine_steal - before.machine_steal, 0.0) * 100 / send_wall, 1
+        ),
         "processes": processes,
         "postgres_by_role": _postgres_roles(before, after, orders),
         "system": entry(system, system_send),

@@ -372,6 +372,12 @@ def _cpu_lines(phases: list[dict[str, Any]]) -> list[str]:
                 f"  {p['name']}: waiting on the disk (% of the time, /proc/pressure/io): "
                 f"some task {io['some']:.0f}%, every busy task {io['full']:.0f}%"
             )
+        steal = p["cpu"].get("steal_send_pct")
+        if steal is not None:
+            lines.append(
+                f"  {p['name']}: CPU the hypervisor gave to other machines while this one had "
+                f"work (steal, /proc/stat): {steal:.1f}% of one core"
+            )
     roles: list[str] = []
     for p in measured:
         roles += [r for r in p["cpu"]["postgres_by_role"] if r not in roles]

@@ -4,6 +4,7 @@ seconds of low load and a tiny ramp. Speed is never asserted, only the report's 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -104,6 +105,7 @@ def test_the_table_names_the_machine_the_command_the_commit_and_every_target(
     assert report["git"]["commit"] in stdout
     assert stdout.count("orders/s end-to-end") == 1
     assert "zero errors" in stdout
+    assert "(steal, /proc/stat)" in stdout
     assert isinstance(report["machine"]["cpus"], int)
 
 
@@ -156,6 +158,7 @@ def test_cpu_is_measured_for_our_processes_the_servers_and_the_generator(
     if Path("/proc/pressure/io").exists():  # a kernel with pressure stall information
         io = cpu["io_pressure_send_pct"]
         assert 0 <= io["full"] <= io["some"] <= 101  # % of a wall time read a moment apart
+    assert 0 <= cpu["steal_send_pct"] <= 100 * (os.cpu_count() or 1) + 1
 
 
 def test_the_timeline_covers_every_request_and_terminal_order(report: dict[str, Any]) -> None:

@@ -249,6 +249,25 @@ def test_io_pressure_is_the_share_of_the_sending_time_stalled_on_the_disk() -> N
     )
 
 
+def test_the_machine_line_of_proc_stat_gives_busy_and_stolen_seconds() -> None:
+    # cpu  user nice system idle iowait irq softirq steal guest guest_nice
+    line = "cpu  1000 20 300 9000 500 7 50 40 100 0\ncpu0 1 2 3 4 5 6 7 8 9 0\n"
+    busy, steal = cpu.parse_machine(line)
+    ticks = cpu.CLOCK_TICKS
+    assert busy == pytest.approx((1000 + 20 + 300 + 7 + 50) / ticks)  # guest is inside user
+    assert steal == pytest.approx(40 / ticks)
+    # A kernel too old to count steal: none is made up.
+    assert cpu.parse_machine("cpu  1000 20 300 9000 500 7 50\n")[1] == 0.0
+
+
+def test_steal_is_the_share_of_one_core_taken_while_sending() -> None:
+    groups = [cpu.Group("postgres", 2, "server")]
+    before = cpu.Sample(0.0, {"postgres": 1.0}, {"postgres": True}, machine_steal=10.0)
+    send_end = cpu.Sample(10.0, {"postgres": 2.0}, {"postgres": True}, machine_steal=10.5)
+    after = cpu.Sample(12.0, {"postgres": 2.0}, {"postgres": True}, machine_steal=13.0)
+    assert cpu.usage(before, send_end, after, groups, orders=10)["steal_send_pct"] == 5.0
+
+
 def test_a_process_that_restarted_is_flagged() -> None:
     groups = [cpu.Group("listener", 1, "ours")]
     before = _sample(0.0, {"listener": 10.0}, 0.0)
