@@ -17,6 +17,13 @@
 # A port that already answers while no process of ours holds it is the user's own server: it
 # is used as is (printed as "external"), nothing is started for it, and `down` never touches it.
 #
+# Each server runs in a session of its own (pg_ctl and redis daemonize, Kafka goes through
+# setsid). Where the kernel groups processes by session for scheduling
+# (kernel.sched_autogroup_enabled), each server then gets its own share of the CPUs under
+# contention instead of competing thread by thread with the services: sharing per thread
+# doubled the create -> terminal p50 at 500 orders/s (README, "How the kernel shares the two
+# cores"). Keep it so.
+#
 # Environment (defaults): STACK_DIR, POSTGRES_PORT (5432), REDIS_PORT (6379), KAFKA_PORT (9092),
 # KAFKA_CONTROLLER_PORT (9093), VENV_PYTHON (<repo>/.venv/bin/python), LOGS_FOLLOW (1).
 
