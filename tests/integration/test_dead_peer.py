@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -40,12 +41,41 @@ NOTICED_WITHIN = 30.0
 # How long the unprotected connection must still be waiting after the protected one gave up.
 STILL_WAITING_FOR = 3.0
 CLONE_NEWNET = 0x40000000
+# A run's namespace is named by its pid, so a run that was killed can be told from a live one.
+NAMESPACE = re.compile(r"^op-dead-(\d+)(?:\s|$)")
 
 T = TypeVar("T")
 
 
 def ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_namespaces() -> list[str]:
+    """Delete the namespaces runs that were killed (SIGKILL skips the fixture's cleanup) left
+    behind, with their veth pairs (a pair dies with either end); return their names. A leftover
+    holding the subnet a new run picks would take its route."""
+    listing = subprocess.run(
+        ["ip", "netns", "list"], check=True, capture_output=True, text=True, timeout=10
+    ).stdout
+    removed = []
+    for line in listing.splitlines():
+        match = NAMESPACE.match(line)
+        if match is not None and not alive(int(match.group(1))):
+            with contextlib.suppress(subprocess.CalledProcessError, OSError):
+                ip("netns", "del", f"op-dead-{match.group(1)}")
+                removed.append(f"op-dead-{match.group(1)}")
+    return removed
 
 
 def in_namespace(name: str, make: Callable[[], T]) -> T:
@@ -129,11 +159,12 @@ class SilentPath:
 def silent_path() -> Iterator[SilentPath]:
     if os.geteuid() != 0 or shutil.which("ip") is None:
         pytest.skip("needs root and iproute2 for a network namespace and a veth pair")
-    tag = f"{os.getpid() % 100_000}"
-    namespace, near, far = f"op-dead-{tag}", f"opd{tag}a", f"opd{tag}b"
+    pid = os.getpid()  # at most 7 digits: the veth names fit the kernel's 15 characters
+    namespace, near, far = f"op-dead-{pid}", f"opd{pid}a", f"opd{pid}b"
     # 198.18.0.0/15 is set aside for benchmarking networks (RFC 2544): no real host is there.
-    subnet = f"198.{18 + os.getpid() % 2}.{os.getpid() % 250}"
+    subnet = f"198.{18 + pid % 2}.{pid % 250}"
     try:
+        remove_stale_namespaces()
         ip("netns", "add", namespace)
     except (subprocess.CalledProcessError, OSError) as exc:
         pytest.skip(f"cannot make a network namespace here: {exc}")
@@ -280,3 +311,30 @@ def test_a_relays_commit_watch_falls_back_to_its_clock_when_the_server_vanishes(
         assert answers[-1] is True and not any(answers[:-1])
     finally:
         watch.close()
+
+
+def test_namespaces_left_by_a_killed_run_are_removed_and_a_live_runs_kept(
+    silent_path: SilentPath,
+) -> None:
+    child = subprocess.Popen(["true"])  # a run that is gone: its pid names no process now
+    child.wait(timeout=10)
+    dead = child.pid
+    ip("netns", "add", f"op-dead-{dead}")
+    ip("link", "add", f"opd{dead}a", "type", "veth", "peer", "name", f"opd{dead}b")
+    ip("link", "set", f"opd{dead}b", "netns", f"op-dead-{dead}")
+    try:
+        removed = remove_stale_namespaces()
+        assert removed == [f"op-dead-{dead}"]
+        links = subprocess.run(
+            ["ip", "-o", "link"], check=True, capture_output=True, text=True, timeout=10
+        ).stdout
+        assert f"opd{dead}a" not in links  # the pair went with its namespace
+        assert (
+            silent_path.namespace
+            in subprocess.run(
+                ["ip", "netns", "list"], check=True, capture_output=True, text=True, timeout=10
+            ).stdout
+        )  # this run's own, its process alive, stays
+    finally:
+        with contextlib.suppress(subprocess.CalledProcessError, OSError):
+            ip("netns", "del", f"op-dead-{dead}")
