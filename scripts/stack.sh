@@ -21,8 +21,8 @@
 # setsid). Where the kernel groups processes by session for scheduling
 # (kernel.sched_autogroup_enabled), each server then gets its own share of the CPUs under
 # contention instead of competing thread by thread with the services: sharing per thread
-# doubled the create -> terminal p50 at 500 orders/s (README, "How the kernel shares the two
-# cores"). Keep it so.
+# doubled the create -> terminal p50 at 500 orders/s (docs/performance.md, "How the kernel
+# shares the two cores"). Keep it so.
 #
 # Environment (defaults): STACK_DIR, POSTGRES_PORT (5432), REDIS_PORT (6379), KAFKA_PORT (9092),
 # KAFKA_CONTROLLER_PORT (9093), VENV_PYTHON (<repo>/.venv/bin/python), LOGS_FOLLOW (1).
