@@ -27,6 +27,7 @@ import psycopg
 import pytest
 
 from actors import pipeline
+from chaos.faults import alive
 from services.common import db
 from services.common.config import Config
 from tests.conftest import PG_HOST, PG_PORT
@@ -47,29 +48,19 @@ NAMESPACE = re.compile(r"^op-dead-(\d+)(?:\s|$)")
 T = TypeVar("T")
 
 
-def ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def ip(*args: str) -> str:
+    """Run `ip ARGS`; its output."""
+    return subprocess.run(
+        ["ip", *args], check=True, capture_output=True, text=True, timeout=10
+    ).stdout
 
 
 def remove_stale_namespaces() -> list[str]:
     """Delete the namespaces runs that were killed (SIGKILL skips the fixture's cleanup) left
     behind, with their veth pairs (a pair dies with either end); return their names. A leftover
     holding the subnet a new run picks would take its route."""
-    listing = subprocess.run(
-        ["ip", "netns", "list"], check=True, capture_output=True, text=True, timeout=10
-    ).stdout
     removed = []
-    for line in listing.splitlines():
+    for line in ip("netns", "list").splitlines():
         match = NAMESPACE.match(line)
         if match is not None and not alive(int(match.group(1))):
             with contextlib.suppress(subprocess.CalledProcessError, OSError):
@@ -325,16 +316,9 @@ def test_namespaces_left_by_a_killed_run_are_removed_and_a_live_runs_kept(
     try:
         removed = remove_stale_namespaces()
         assert removed == [f"op-dead-{dead}"]
-        links = subprocess.run(
-            ["ip", "-o", "link"], check=True, capture_output=True, text=True, timeout=10
-        ).stdout
-        assert f"opd{dead}a" not in links  # the pair went with its namespace
-        assert (
-            silent_path.namespace
-            in subprocess.run(
-                ["ip", "netns", "list"], check=True, capture_output=True, text=True, timeout=10
-            ).stdout
-        )  # this run's own, its process alive, stays
+        assert f"opd{dead}a" not in ip("-o", "link")  # the pair went with its namespace
+        # This run's own, its process alive, stays.
+        assert silent_path.namespace in ip("netns", "list")
     finally:
         with contextlib.suppress(subprocess.CalledProcessError, OSError):
             ip("netns", "del", f"op-dead-{dead}")
