@@ -222,6 +222,7 @@ def format_table(results: dict[str, Any]) -> str:
     lines = [
         f"bench {results['started_at']}  commit {git['commit']}{' (dirty)' if git['dirty'] else ''}"
         f"  cores {machine['cpus']}  load avg before {machine['load_avg_before']}",
+        f"python {machine.get('python', '?')} ({machine.get('python_executable', '?')})",
         f"command: {results['command']}",
         f"generator: {results['generator']['client']}, {results['generator']['loop']} loop, "
         f"{results['settings']['users']} users ({results['accounts']['underfunded']} underfunded)",

@@ -11,6 +11,7 @@ import asyncio
 import os
 import platform
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Sequence
@@ -518,6 +519,8 @@ async def benchmark(settings: Settings) -> dict[str, Any]:
             "load_avg_before": load_avg_before,
             "load_avg_after": [round(x, 2) for x in os.getloadavg()],
             "python": platform.python_version(),
+            # The generator's, which is the services' too: every process runs from .venv.
+            "python_executable": os.path.realpath(sys.executable),
             "platform": platform.platform(),
         },
         "generator": {

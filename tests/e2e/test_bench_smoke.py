@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -101,6 +102,9 @@ def test_the_table_names_the_machine_the_command_the_commit_and_every_target(
 ) -> None:
     _, stdout = bench_run
     assert f"cores {report['machine']['cpus']}" in stdout
+    # The interpreter every process of the run used (the suite's own, from .venv).
+    assert report["machine"]["python_executable"] == os.path.realpath(sys.executable)
+    assert f"python {platform.python_version()} ({os.path.realpath(sys.executable)})" in stdout
     assert "command: python -m bench --gateway" in stdout
     assert report["git"]["commit"] in stdout
     assert stdout.count("orders/s end-to-end") == 1
