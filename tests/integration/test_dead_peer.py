@@ -55,6 +55,12 @@ def ip(*args: str) -> str:
     ).stdout
 
 
+def names(pid: int) -> tuple[str, str, str]:
+    """The namespace and the two veth ends of the run with this pid (at most 7 digits: the veth
+    names fit the kernel's 15 characters)."""
+    return f"op-dead-{pid}", f"opd{pid}a", f"opd{pid}b"
+
+
 def remove_stale_namespaces() -> list[str]:
     """Delete the namespaces runs that were killed (SIGKILL skips the fixture's cleanup) left
     behind, with their veth pairs (a pair dies with either end); return their names. A leftover
@@ -62,10 +68,11 @@ def remove_stale_namespaces() -> list[str]:
     removed = []
     for line in ip("netns", "list").splitlines():
         match = NAMESPACE.match(line)
-        if match is not None and not alive(int(match.group(1))):
+        if match is not None and not alive(pid := int(match.group(1))):
+            namespace, _, _ = names(pid)
             with contextlib.suppress(subprocess.CalledProcessError, OSError):
-                ip("netns", "del", f"op-dead-{match.group(1)}")
-                removed.append(f"op-dead-{match.group(1)}")
+                ip("netns", "del", namespace)
+                removed.append(namespace)
     return removed
 
 
@@ -150,8 +157,8 @@ class SilentPath:
 def silent_path() -> Iterator[SilentPath]:
     if os.geteuid() != 0 or shutil.which("ip") is None:
         pytest.skip("needs root and iproute2 for a network namespace and a veth pair")
-    pid = os.getpid()  # at most 7 digits: the veth names fit the kernel's 15 characters
-    namespace, near, far = f"op-dead-{pid}", f"opd{pid}a", f"opd{pid}b"
+    pid = os.getpid()
+    namespace, near, far = names(pid)
     # 198.18.0.0/15 is set aside for benchmarking networks (RFC 2544): no real host is there.
     subnet = f"198.{18 + pid % 2}.{pid % 250}"
     try:
@@ -309,16 +316,16 @@ def test_namespaces_left_by_a_killed_run_are_removed_and_a_live_runs_kept(
 ) -> None:
     child = subprocess.Popen(["true"])  # a run that is gone: its pid names no process now
     child.wait(timeout=10)
-    dead = child.pid
-    ip("netns", "add", f"op-dead-{dead}")
-    ip("link", "add", f"opd{dead}a", "type", "veth", "peer", "name", f"opd{dead}b")
-    ip("link", "set", f"opd{dead}b", "netns", f"op-dead-{dead}")
+    namespace, near, far = names(child.pid)
+    ip("netns", "add", namespace)
+    ip("link", "add", near, "type", "veth", "peer", "name", far)
+    ip("link", "set", far, "netns", namespace)
     try:
         removed = remove_stale_namespaces()
-        assert removed == [f"op-dead-{dead}"]
-        assert f"opd{dead}a" not in ip("-o", "link")  # the pair went with its namespace
+        assert removed == [namespace]
+        assert near not in ip("-o", "link")  # the pair went with its namespace
         # This run's own, its process alive, stays.
         assert silent_path.namespace in ip("netns", "list")
     finally:
         with contextlib.suppress(subprocess.CalledProcessError, OSError):
-            ip("netns", "del", f"op-dead-{dead}")
+            ip("netns", "del", namespace)
