@@ -3,6 +3,7 @@ pending rows for the relay, to mark them published, and to purge old ones."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from psycopg.types.json import Jsonb
@@ -35,6 +36,22 @@ BACKLOG: Final = """
 SELECT count(*), coalesce(extract(epoch FROM clock_timestamp() - min(created_at)), 0)
 FROM outbox WHERE published_at IS NULL
 """
+
+
+# Each outbox column, and the parameter that carries it as an array when a statement writes
+# many rows through `unnest` (`arrays`).
+ARRAY_PARAMS: Final = (
+    ("event_id", "event_ids"),
+    ("topic", "topics"),
+    ("key", "keys"),
+    ("payload", "payloads"),
+    ("headers", "headers"),
+)
+
+
+def arrays(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
+    """Rows as `row` gives them, as one array per column, named as in `ARRAY_PARAMS`."""
+    return {param: [r[column] for r in rows] for column, param in ARRAY_PARAMS}
 
 
 def row(topic: str, key: str, envelope: Envelope) -> dict[str, Any]:

@@ -2,23 +2,50 @@
 
 from __future__ import annotations
 
-from typing import Final
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
 
 from services.common import outbox
 
 ORDER_COLUMNS: Final = "id, user_id, amount, description, status, reason, created_at, updated_at"
 
-# The order and the event asking for its payment, written by one statement: they commit
-# together or not at all, in one round trip. The outbox half is the shared `outbox.INSERT`,
-# verbatim, as a data-modifying WITH clause; params are `outbox.row(...)` plus the order's.
-# One clock reading for both timestamps: two column defaults could differ by a microsecond.
-CREATE_ORDER: Final = f"""
-WITH payment_requested AS ({outbox.INSERT})
+# A group of orders and the events asking for their payment, written by one statement: they
+# commit together or not at all, in one round trip, whatever the group's size (the service's
+# pool is in autocommit). Parameters: one array per column (`create_orders_params`). The outbox
+# rows are inserted in the group's order, so each user's requests keep their order on the
+# topic. One clock reading for every timestamp: two column defaults could differ.
+CREATE_ORDERS: Final = f"""
+WITH batch AS (
+    SELECT *
+    FROM unnest(%(ids)b::uuid[], %(user_ids)b::uuid[], %(amounts)b::bigint[],
+                %(descriptions)b::text[], %(event_ids)b::uuid[], %(topics)b::text[],
+                %(keys)b::text[], %(payloads)b::jsonb[], %(headers)b::jsonb[])
+         WITH ORDINALITY AS b (id, user_id, amount, description, event_id, topic, key, payload,
+                               headers, n)
+), moment AS (
+    SELECT clock_timestamp() AS t
+), payment_requested AS (
+    INSERT INTO outbox (event_id, topic, key, payload, headers)
+    SELECT event_id, topic, key, payload, headers FROM batch ORDER BY n
+)
 INSERT INTO orders (id, user_id, amount, description, created_at, updated_at)
-SELECT %(id)s, %(user_id)s, %(amount)s, %(description)s, moment.t, moment.t
-FROM (SELECT clock_timestamp() AS t) AS moment
+SELECT id, user_id, amount, description, moment.t, moment.t
+FROM batch, moment
 RETURNING {ORDER_COLUMNS}
 """
+
+
+def create_orders_params(group: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
+    """`CREATE_ORDERS`'s parameters for `group`: each order's `id`, `user_id`, `amount` and
+    `description`, with its payment request's `outbox.row(...)`."""
+    return {
+        "ids": [order["id"] for order in group],
+        "user_ids": [order["user_id"] for order in group],
+        "amounts": [order["amount"] for order in group],
+        "descriptions": [order["description"] for order in group],
+        **outbox.arrays(group),
+    }
+
 
 GET_ORDER: Final = f"SELECT {ORDER_COLUMNS} FROM orders WHERE id = %(id)s"
 

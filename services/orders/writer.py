@@ -1,11 +1,12 @@
-"""Group commit for new orders: the orders that arrive while one insert transaction is in flight
-are written together by the next one.
+"""Group commit for new orders: the orders that arrive while one insert is in flight are
+written together by the next one.
 
-Under load this turns many one-order transactions into a few multi-order ones: one round trip,
-one WAL flush and one NOTIFY (Postgres holds a database-wide lock from a notifying commit
-through its WAL flush, so those commits queue up one by one) for the whole batch. An order
-that arrives while nothing is in flight is written at once, alone, as before. Every order is
-answered only after its transaction committed."""
+Under load this turns many one-order transactions into a few multi-order ones, each a single
+statement (`queries.CREATE_ORDERS`, one round trip in autocommit): one WAL flush and one NOTIFY
+for the whole batch (Postgres holds a lock shared by all its databases from a notifying commit
+through its WAL flush, so those commits queue up one by one). An order that arrives while
+nothing is in flight is written at once, alone, by the same statement. Every order is answered
+only after its transaction committed."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ Waiting = tuple[dict[str, Any], asyncio.Future[Row]]
 
 
 class OrderWriter:
-    """Writes `queries.CREATE_ORDER` for each caller, batching concurrent callers."""
+    """Writes each caller's order with `queries.CREATE_ORDERS`, batching concurrent callers."""
 
     def __init__(self, pool: AsyncConnectionPool, timeout: float) -> None:
         """`timeout`: seconds one batch may take (getting a connection included); past it its
@@ -102,20 +103,9 @@ class OrderWriter:
 
     async def _insert(self, batch: list[dict[str, Any]]) -> list[Row]:
         async with self._pool.connection() as conn:
-            if len(batch) == 1:  # autocommit: one statement, one round trip
-                row = await (await conn.execute(queries.CREATE_ORDER, batch[0])).fetchone()
-                assert row is not None  # INSERT … RETURNING always returns the row it inserted
-                return [row]
-            rows: list[Row] = []
-            async with conn.transaction(), conn.cursor() as cur:
-                await cur.executemany(queries.CREATE_ORDER, batch, returning=True)
-                while True:
-                    row = await cur.fetchone()
-                    assert row is not None
-                    rows.append(row)
-                    if not cur.nextset():
-                        break
-            return rows
+            cursor = await conn.execute(queries.CREATE_ORDERS, queries.create_orders_params(batch))
+            rows = {row[0]: row for row in await cursor.fetchall()}
+        return [rows[params["id"]] for params in batch]
 
 
 def _fail(future: asyncio.Future[Row], exc: BaseException) -> None:

@@ -54,23 +54,13 @@ def charge_round(
                 "order_ids": [r.order_id for r in requests],
                 "user_ids": [r.user_id for r in requests],
                 "amounts": [r.amount for r in requests],
-                **{param: [row[column] for row in paid] for column, param in ANSWER_COLUMNS},
+                **outbox.arrays(paid),
             },
         ).fetchall()
     }
     for request in requests:
         if request.order_id not in debited:
             answer_undebited(conn, request, result_topic)
-
-
-# The outbox columns of an answer, and the DEBIT parameter that takes them as an array.
-ANSWER_COLUMNS = (
-    ("event_id", "event_ids"),
-    ("topic", "topics"),
-    ("key", "keys"),
-    ("payload", "payloads"),
-    ("headers", "headers"),
-)
 
 
 def answer_undebited(
