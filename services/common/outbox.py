@@ -38,20 +38,29 @@ FROM outbox WHERE published_at IS NULL
 """
 
 
-# Each outbox column, and the parameter that carries it as an array when a statement writes
-# many rows through `unnest` (`arrays`).
+# Each outbox column, its type, and the parameter that carries it as an array when a
+# statement writes many rows through `unnest` (`arrays`, `UNNEST_ARGS`, `insert_from`).
 ARRAY_PARAMS: Final = (
-    ("event_id", "event_ids"),
-    ("topic", "topics"),
-    ("key", "keys"),
-    ("payload", "payloads"),
-    ("headers", "headers"),
+    ("event_id", "uuid", "event_ids"),
+    ("topic", "text", "topics"),
+    ("key", "text", "keys"),
+    ("payload", "jsonb", "payloads"),
+    ("headers", "jsonb", "headers"),
 )
+COLUMNS: Final = ", ".join(column for column, _, _ in ARRAY_PARAMS)
+# `unnest`'s arguments for those arrays, in column order.
+UNNEST_ARGS: Final = ", ".join(f"%({param})b::{kind}[]" for _, kind, param in ARRAY_PARAMS)
 
 
 def arrays(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
     """Rows as `row` gives them, as one array per column, named as in `ARRAY_PARAMS`."""
-    return {param: [r[column] for r in rows] for column, param in ARRAY_PARAMS}
+    return {param: [r[column] for r in rows] for column, _, param in ARRAY_PARAMS}
+
+
+def insert_from(source: str) -> str:
+    """A data-modifying WITH clause's body: insert the outbox rows `source` holds (a relation
+    with the outbox columns and an ordinal `n`), in that order, so each key's events keep it."""
+    return f"INSERT INTO outbox ({COLUMNS}) SELECT {COLUMNS} FROM {source} ORDER BY n"
 
 
 def row(topic: str, key: str, envelope: Envelope) -> dict[str, Any]:

@@ -18,15 +18,12 @@ CREATE_ORDERS: Final = f"""
 WITH batch AS (
     SELECT *
     FROM unnest(%(ids)b::uuid[], %(user_ids)b::uuid[], %(amounts)b::bigint[],
-                %(descriptions)b::text[], %(event_ids)b::uuid[], %(topics)b::text[],
-                %(keys)b::text[], %(payloads)b::jsonb[], %(headers)b::jsonb[])
-         WITH ORDINALITY AS b (id, user_id, amount, description, event_id, topic, key, payload,
-                               headers, n)
+                %(descriptions)b::text[], {outbox.UNNEST_ARGS})
+         WITH ORDINALITY AS b (id, user_id, amount, description, {outbox.COLUMNS}, n)
 ), moment AS (
     SELECT clock_timestamp() AS t
 ), payment_requested AS (
-    INSERT INTO outbox (event_id, topic, key, payload, headers)
-    SELECT event_id, topic, key, payload, headers FROM batch ORDER BY n
+    {outbox.insert_from("batch")}
 )
 INSERT INTO orders (id, user_id, amount, description, created_at, updated_at)
 SELECT id, user_id, amount, description, moment.t, moment.t

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Final
 
+from services.common import outbox
+
 # Nothing when the user already has an account: the caller then looks it up. A concurrent
 # insert for the same user makes this wait for it and return nothing, so there is no race.
 CREATE_ACCOUNT: Final = """
@@ -53,17 +55,16 @@ BALANCE_OF_USER: Final = "SELECT id, user_id, balance FROM accounts WHERE user_i
 # one statement: the row lock taken by UPDATE serialises debits of one account, `balance >=
 # amount` is re-checked on the locked row, and the NOT EXISTS guards skip an order already
 # debited or declined. The unique index on ledger(order_id) backs the guard should two debits
-# of one order ever race. The `paid` answer of each request (`outbox.row(...)`, one array per
-# column) is written by the same statement when, and only when, it debited that request: the
+# of one order ever race. The `paid` answer of each request (`outbox.row(...)`, as `outbox.arrays`
+# gives them) is written by the same statement when, and only when, it debited that request: the
 # common case of a charge is one round trip. Returns the orders it debited; the others take
 # the one-request path (CHARGE_FACTS) to learn why.
-DEBIT: Final = """
+DEBIT: Final = f"""
 WITH request AS (
     SELECT *
     FROM unnest(%(order_ids)b::uuid[], %(user_ids)b::uuid[], %(amounts)b::bigint[],
-                %(event_ids)b::uuid[], %(topics)b::text[], %(keys)b::text[],
-                %(payloads)b::jsonb[], %(headers)b::jsonb[])
-         WITH ORDINALITY AS r (order_id, user_id, amount, event_id, topic, key, payload, headers, n)
+                {outbox.UNNEST_ARGS})
+         WITH ORDINALITY AS r (order_id, user_id, amount, {outbox.COLUMNS}, n)
 ), debit AS (
     UPDATE accounts
     SET balance = balance - request.amount, updated_at = now()
@@ -79,8 +80,7 @@ WITH request AS (
     INSERT INTO ledger (account_id, kind, amount, order_id)
     SELECT account_id, 'debit', amount, order_id FROM debit ORDER BY n
 ), paid AS (
-    INSERT INTO outbox (event_id, topic, key, payload, headers)
-    SELECT event_id, topic, key, payload, headers FROM debit ORDER BY n
+    {outbox.insert_from("debit")}
 )
 SELECT order_id FROM debit
 """
