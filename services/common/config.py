@@ -106,7 +106,7 @@ class Config:
     # Seconds: under load (batches of 3 or more events) the listener wakes a relay at most once
     # per interval, and a consumer takes a batch at most once per half interval; what arrives
     # in between joins the next batch. At light load nothing waits. 0: no pacing.
-    batch_interval: float = field(default_factory=lambda: _env_float("BATCH_INTERVAL", 0.02))
+    batch_interval: float = field(default_factory=lambda: _env_float("BATCH_INTERVAL", 0.015))
     # Seconds a relay woken under load keeps publishing a batch per BATCH_INTERVAL, with no
     # further wake-ups, before it stops and waits for the next one.
     relay_linger: float = field(default_factory=lambda: _env_float("RELAY_LINGER", 2))
