@@ -160,6 +160,19 @@ def discover(
     return groups
 
 
+def executables(groups: Iterable[Group]) -> dict[str, str]:
+    """The real program each of our processes runs (`/proc/<pid>/exe`): for ours, the interpreter
+    they were started on, which need not be the generator's."""
+    found = {}
+    for g in groups:
+        if g.kind == "ours":
+            try:
+                found[g.name] = os.path.realpath(f"/proc/{g.root}/exe", strict=True)
+            except OSError:
+                continue
+    return found
+
+
 @dataclass(frozen=True)
 class Sample:
     """CPU seconds of each group, of each live Postgres process, and of the machine, at `at`."""

@@ -216,13 +216,30 @@ def _latency_bars(axis: Any, phases: list[dict[str, Any]], key: str, title: str)
     axis.legend(fontsize=8)
 
 
+def _interpreters(machine: dict[str, Any]) -> str:
+    """Which interpreter the generator ran on, and whether our processes ran on the same one."""
+    own = machine.get("python_executable", "?")
+    line = f"python {machine.get('python', '?')} ({own})"
+    services: dict[str, str] = machine.get("service_executables") or {}
+    if not services:
+        return f"{line}: the generator's (the services' not read)"
+    on: dict[str, list[str]] = {}
+    for name, executable in sorted(services.items()):
+        on.setdefault(executable, []).append(name)
+    if set(on) == {own}:
+        return f"{line}: the generator's and every service's"
+    return f"{line}: the generator's; " + "; ".join(
+        f"{', '.join(names)} on {executable}" for executable, names in on.items()
+    )
+
+
 def format_table(results: dict[str, Any]) -> str:
     """The text summary printed at the end of a run."""
     git, machine = results["git"], results["machine"]
     lines = [
         f"bench {results['started_at']}  commit {git['commit']}{' (dirty)' if git['dirty'] else ''}"
         f"  cores {machine['cpus']}  load avg before {machine['load_avg_before']}",
-        f"python {machine.get('python', '?')} ({machine.get('python_executable', '?')})",
+        _interpreters(machine),
         f"command: {results['command']}",
         f"generator: {results['generator']['client']}, {results['generator']['loop']} loop, "
         f"{results['settings']['users']} users ({results['accounts']['underfunded']} underfunded)",

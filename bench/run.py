@@ -519,8 +519,8 @@ async def benchmark(settings: Settings) -> dict[str, Any]:
             "load_avg_before": load_avg_before,
             "load_avg_after": [round(x, 2) for x in os.getloadavg()],
             "python": platform.python_version(),
-            # The generator's, which is the services' too: every process runs from .venv.
-            "python_executable": os.path.realpath(sys.executable),
+            "python_executable": os.path.realpath(sys.executable),  # the generator's
+            "service_executables": cpu.executables(groups),
             "platform": platform.platform(),
         },
         "generator": {

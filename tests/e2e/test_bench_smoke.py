@@ -102,9 +102,17 @@ def test_the_table_names_the_machine_the_command_the_commit_and_every_target(
 ) -> None:
     _, stdout = bench_run
     assert f"cores {report['machine']['cpus']}" in stdout
-    # The interpreter every process of the run used (the suite's own, from .venv).
-    assert report["machine"]["python_executable"] == os.path.realpath(sys.executable)
-    assert f"python {platform.python_version()} ({os.path.realpath(sys.executable)})" in stdout
+    # The interpreter every process of the run used (the suite's own, from .venv), read from
+    # each of our processes.
+    interpreter = os.path.realpath(sys.executable)
+    assert report["machine"]["python_executable"] == interpreter
+    services = report["machine"]["service_executables"]
+    assert {"gateway", "orders", "payments", "listener"} <= set(services)
+    assert set(services.values()) == {interpreter}
+    assert (
+        f"python {platform.python_version()} ({interpreter}): the generator's and every service's"
+        in stdout
+    )
     assert "command: python -m bench --gateway" in stdout
     assert report["git"]["commit"] in stdout
     assert stdout.count("orders/s end-to-end") == 1

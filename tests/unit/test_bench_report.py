@@ -4,6 +4,8 @@ parsing of /proc and py-spy output. No servers."""
 from __future__ import annotations
 
 import math
+import os
+import sys
 from typing import Any
 
 import pytest
@@ -336,3 +338,42 @@ def test_database_sessions_are_averaged_per_database_wait_and_query() -> None:
         ("other", "Lock:object"): 0.25,
         ("payments", "on CPU"): 0.25,
     }
+
+
+def test_the_interpreters_line_says_when_every_service_ran_on_the_generators() -> None:
+    machine = {
+        "python": "3.11.2",
+        "python_executable": "/usr/bin/python3.11",
+        "service_executables": {"gateway": "/usr/bin/python3.11", "orders": "/usr/bin/python3.11"},
+    }
+    assert report._interpreters(machine) == (
+        "python 3.11.2 (/usr/bin/python3.11): the generator's and every service's"
+    )
+
+
+def test_the_interpreters_line_names_the_services_on_another_interpreter() -> None:
+    machine = {
+        "python": "3.11.2",
+        "python_executable": "/usr/bin/python3.11",
+        "service_executables": {
+            "orders": "/opt/pyenv/bin/python3.11",
+            "gateway": "/opt/pyenv/bin/python3.11",
+            "listener": "/usr/bin/python3.11",
+        },
+    }
+    assert report._interpreters(machine) == (
+        "python 3.11.2 (/usr/bin/python3.11): the generator's; "
+        "gateway, orders on /opt/pyenv/bin/python3.11; listener on /usr/bin/python3.11"
+    )
+    # A report from before the services' interpreters were read still prints.
+    del machine["service_executables"]
+    assert report._interpreters(machine).endswith(": the generator's (the services' not read)")
+
+
+def test_executables_are_read_for_our_processes_only_and_gone_ones_are_skipped() -> None:
+    groups = [
+        cpu.Group("orders", os.getpid(), "ours"),
+        cpu.Group("gone", 2**22 + 7, "ours"),  # above pid_max's default: no such process
+        cpu.Group("postgres", os.getpid(), "server"),
+    ]
+    assert cpu.executables(groups) == {"orders": os.path.realpath(sys.executable)}
