@@ -29,8 +29,8 @@ def checkout(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def supervisord(checkout: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """A live process whose pid sits where supervisord's would."""
-    process = subprocess.Popen(["sleep", "60"])
+    """A live process called supervisord whose pid sits where supervisord's would."""
+    process = subprocess.Popen(["bash", "-c", "exec -a supervisord sleep 60"])
     run = checkout / ".stack" / "services" / "run"
     run.mkdir(parents=True)
     (run / "supervisord.pid").write_text(f"{process.pid}\n")
@@ -65,11 +65,15 @@ def test_a_venv_of_another_interpreter_is_kept_while_the_system_runs_from_it(
     assert supervisord.poll() is None
 
 
+@pytest.mark.parametrize("left_behind", ["dead", "reused"])
 def test_a_stale_pid_file_does_not_block_making_the_venv_again(
-    checkout: Path, supervisord: subprocess.Popen[bytes]
+    checkout: Path, supervisord: subprocess.Popen[bytes], left_behind: str
 ) -> None:
     supervisord.kill()
     supervisord.wait(timeout=10)
+    if left_behind == "reused":  # the pid now names some other live process
+        pidfile = checkout / ".stack" / "services" / "run" / "supervisord.pid"
+        pidfile.write_text(f"{os.getpid()}\n")
 
     result = run_dev(checkout)
 
