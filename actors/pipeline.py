@@ -251,7 +251,9 @@ class LingeringRelay:
     load has gone: a pass that starts at once because the one before took a whole interval
     finds little, and so does one that falls between two bursts of payment answers (each
     consumer transaction commits its batch's answers together). With `interval` 0 (no pacing)
-    it never lingers.
+    it never lingers. Each hold is a round trip to Redis, so a run holds again only once
+    `hold_every` seconds have passed since its last hold (the flag's expiry must be well
+    beyond that), not before every pass.
 
     With a `watch` (`CommitWatch`) a lingering run also watches commits. Commits
     notified during a pass or the first half of the interval after it mean steady load (orders
@@ -276,6 +278,7 @@ class LingeringRelay:
         linger: float,
         min_batch: int = 3,
         short_passes: int = SHORT_PASSES,
+        hold_every: float = 0.0,
         watch: Watch | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], object] = time.sleep,
@@ -283,7 +286,7 @@ class LingeringRelay:
         self._relay, self._hold, self._release = relay, hold, release
         self._watch = watch
         self.interval, self.linger, self.min_batch = interval, min(linger, MAX_LINGER), min_batch
-        self.short_passes = short_passes
+        self.short_passes, self.hold_every = short_passes, hold_every
         self._clock, self._sleep = clock, sleep
         self._state = threading.Lock()
         self._lingering = False  # a run of this process may linger (at most one)
@@ -310,11 +313,14 @@ class LingeringRelay:
             return published
         deadline = started + linger
         short = 0  # batches in a row that came short
+        held = -math.inf  # when this run last held the flag
         try:
             while True:
                 with self._state:
                     self._holding = True
-                self._hold()  # commits from here on are this run's to publish
+                if self._clock() - held >= self.hold_every:
+                    self._hold()  # commits from here on are this run's to publish
+                    held = self._clock()
                 self._wait(started)
                 started = self._clock()
                 if self._watch is not None:

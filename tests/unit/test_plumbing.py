@@ -331,6 +331,24 @@ def test_a_lingering_relay_stops_when_its_time_is_up_even_under_load() -> None:
     assert long.log.count("relay 50") <= MAX_LINGER / 0.02 + 2  # a worker must be able to stop
 
 
+def test_a_lingering_relay_holds_the_flag_again_only_when_its_hold_grows_old() -> None:
+    script = RelayScript([10] * 12)
+    relayer = script.relayer()
+    relayer.hold_every = 0.05
+    assert relayer.run() == 120
+    passes = 0
+    held = []  # when each pass that the flag was held again before began (ms)
+    for entry in script.log:
+        if entry.startswith("relay"):
+            passes += 1
+        elif entry == "hold":
+            held.append(script.starts[passes])
+    # A pass every 20 ms, and a hold before the first one at least 50 ms after the last hold
+    # (without `hold_every`, before every pass but the first and the last).
+    assert held == [20, 80, 140, 200, 260]
+    assert script.log[-2:] == ["release", "relay 0"]
+
+
 def test_a_relay_without_pacing_or_linger_never_lingers() -> None:
     for interval, linger in ((0.0, 2.0), (0.02, 0.0)):
         script = RelayScript([10, 10])
