@@ -203,10 +203,12 @@ class Listening:
         self.sent = 0
         self.wakes: list[int] = []
         self.woken = threading.Event()
+        self.flag_held = False  # whether `broker.wake` would find a wake-up queued
 
-    def wake(self) -> None:
+    def wake(self) -> bool:
         self.wakes.append(self.sent)
         self.woken.set()
+        return not self.flag_held
 
     def commit(self) -> None:
         self.sent += 1
@@ -259,3 +261,17 @@ def test_at_light_load_every_commit_wakes_the_relay_at_once(orders_url: str) -> 
         state.commit()
         assert state.wait_for_wake()
     assert state.wakes == [1, 2]
+
+
+def test_a_wake_up_that_finds_the_flag_held_holds_the_next_back_an_interval(
+    orders_url: str,
+) -> None:
+    # As at light load above, but each try finds a wake-up queued or a lingering relay's flag:
+    # the run it found publishes what was notified, and the next try waits for the interval.
+    with listening(orders_url, Pacer(3600.0, min_batch=3)) as state:
+        state.flag_held = True
+        state.commit()
+        assert state.wait_for_wake()
+        state.commit()
+        assert not state.woken.wait(1.0)
+    assert state.wakes == [1]
