@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import dramatiq
 from confluent_kafka import Producer
@@ -131,22 +131,27 @@ ACTOR_OPTIONS: dict[str, Any] = {
 # A wake-up that is queued and not yet started makes another one redundant: the run it starts
 # reads every row committed before it. So a wake-up is sent only when no flag is set, and the
 # actor clears the flag when it starts. A relay run that lingers under load holds the flag
-# while it is still going to read the outbox again (`pipeline.LingeringRelay`). The flag
-# expires on its own, so a lost message or a killed worker holds back wake-ups for at most
-# WAKE_FLAG_MS (and the sweeper runs anyway).
+# while it is still going to read the outbox again (`pipeline.LingeringRelay`), and says so in
+# it. The flag expires on its own, so a lost message or a killed worker holds back wake-ups
+# for at most WAKE_FLAG_MS (and the sweeper runs anyway).
 WAKE_FLAG_MS = 1_000
+Woken = Literal["sent", "queued", "lingering"]
 
 
 def wake_flag(actor_name: str) -> str:
     return f"orders-payments:wake-queued:{actor_name}"
 
 
-def wake(actor: dramatiq.Actor[[], None]) -> bool:
-    """Send `actor` a wake-up unless one is already waiting; return whether one was sent."""
-    if not broker.client.set(wake_flag(actor.actor_name), b"1", nx=True, px=WAKE_FLAG_MS):
-        return False
-    actor.send()
-    return True
+def wake(actor: dramatiq.Actor[[], None]) -> Woken:
+    """Send `actor` a wake-up unless its flag is set: "sent", or what holds the flag, a wake-up
+    still "queued" or a "lingering" relay run."""
+    held = broker.client.set(
+        wake_flag(actor.actor_name), b"queued", nx=True, px=WAKE_FLAG_MS, get=True
+    )
+    if held is None:
+        actor.send()
+        return "sent"
+    return "lingering" if held == b"lingering" else "queued"
 
 
 @dataclass(frozen=True)
@@ -169,7 +174,7 @@ def declare(service: str, make_handler: Callable[[Config], ApplyHandler]) -> Ser
     # Actors return nothing: Dramatiq warns about every returned value without a result backend.
     relay = pipeline.LingeringRelay(
         lambda: pipeline.relay_outbox(resources.pool(), resources.producer(), config),
-        hold=lambda: broker.client.set(relay_flag, b"1", px=WAKE_FLAG_MS),
+        hold=lambda: broker.client.set(relay_flag, b"lingering", px=WAKE_FLAG_MS),
         release=lambda: broker.client.delete(relay_flag),
         interval=config.batch_interval,
         linger=config.relay_linger,

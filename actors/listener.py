@@ -64,7 +64,7 @@ def _listen(service: str, actors: ServiceActors, stopping: threading.Event) -> N
 
 def wake_relay(
     pgconn: pq.abc.PGconn,
-    wake: Callable[[], bool],
+    wake: Callable[[], broker.Woken],
     pacer: pipeline.Pacer,
     stopping: threading.Event,
 ) -> None:
@@ -73,12 +73,13 @@ def wake_relay(
     Under load the pacer allows one per interval, and the commits notified within it are served
     together at its end.
 
-    A `wake` that sent nothing (False: a wake-up is queued, or a lingering relay holds the
-    flag) counts as load too: the run it found reads every commit notified so far, and until
-    an interval has passed the next try would most likely find it again. Under load a relay
-    lingers holding the flag while orders commit one by one, and a read of one or two
-    notifications is no load to the pacer: every commit cost a refused Redis round trip, about
-    0.7 per order at 500 orders/s."""
+    A `wake` that finds a lingering relay run holding the flag counts as load too: that run
+    passes again within an interval and reads every commit notified so far, and until then
+    the next try would find it again. Under load a relay lingers while orders commit one by
+    one, and a read of one or two notifications is no load to the pacer: every commit cost a
+    refused Redis round trip, about 0.7 per order at 500 orders/s. A wake-up found still
+    queued is no such sign: its run may be about to start, and the next commit then needs a
+    wake-up of its own at once."""
     pending = 0  # notifications read and not yet served by a wake-up
     while not stopping.is_set():
         if not pending:
@@ -89,8 +90,8 @@ def wake_relay(
             stopping.wait(pacer.remaining())
             pending += pipeline.notifications(pgconn, timeout=0).total()
         if pending and not pacer.remaining():
-            sent = wake()
-            pacer.started(pending if sent else max(pending, pacer.min_batch))
+            lingering = wake() == "lingering"
+            pacer.started(max(pending, pacer.min_batch) if lingering else pending)
             pending = 0
 
 

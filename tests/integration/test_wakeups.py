@@ -19,6 +19,7 @@ from dramatiq import Message
 from dramatiq.common import dq_name
 
 from actors import broker as actors_broker
+from actors.broker import Woken
 from actors.doorbell import MAX_TOKENS, DoorbellRedisBroker, doorbell
 from actors.listener import wake_relay
 from actors.pipeline import CommitWatch, Pacer, notifications
@@ -104,13 +105,17 @@ def test_a_wake_up_is_sent_only_when_none_is_queued() -> None:
     actor = dramatiq.actor(actor_name=name, queue_name=queue)(lambda: None)
     client = actors_broker.broker.client
     try:
-        assert actors_broker.wake(actor) is True
-        assert actors_broker.wake(actor) is False  # the first is still queued
+        assert actors_broker.wake(actor) == "sent"
+        assert actors_broker.wake(actor) == "queued"  # the first is still queued
         assert client.llen(f"dramatiq:{queue}") == 1
         client.delete(actors_broker.wake_flag(name))  # what the actor does when it starts
-        assert actors_broker.wake(actor) is True
+        assert actors_broker.wake(actor) == "sent"
         assert client.llen(f"dramatiq:{queue}") == 2
         assert 0 < client.pttl(actors_broker.wake_flag(name)) <= actors_broker.WAKE_FLAG_MS
+        # A lingering relay run holds the flag as its own (the `hold` of `declare`).
+        client.set(actors_broker.wake_flag(name), b"lingering", px=actors_broker.WAKE_FLAG_MS)
+        assert actors_broker.wake(actor) == "lingering"
+        assert client.llen(f"dramatiq:{queue}") == 2
     finally:
         actors_broker.broker.flush(queue)
         client.delete(actors_broker.wake_flag(name), doorbell(queue))
@@ -203,12 +208,12 @@ class Listening:
         self.sent = 0
         self.wakes: list[int] = []
         self.woken = threading.Event()
-        self.flag_held = False  # whether `broker.wake` would find a wake-up queued
+        self.flag: Woken = "sent"  # what `broker.wake` finds: no flag, or what holds it
 
-    def wake(self) -> bool:
+    def wake(self) -> Woken:
         self.wakes.append(self.sent)
         self.woken.set()
-        return not self.flag_held
+        return self.flag
 
     def commit(self) -> None:
         self.sent += 1
@@ -263,15 +268,26 @@ def test_at_light_load_every_commit_wakes_the_relay_at_once(orders_url: str) -> 
     assert state.wakes == [1, 2]
 
 
-def test_a_wake_up_that_finds_the_flag_held_holds_the_next_back_an_interval(
+def test_a_wake_up_that_finds_a_relay_lingering_holds_the_next_back_an_interval(
     orders_url: str,
 ) -> None:
-    # As at light load above, but each try finds a wake-up queued or a lingering relay's flag:
-    # the run it found publishes what was notified, and the next try waits for the interval.
+    # As at light load above, but each try finds a lingering relay run holding the flag: that run
+    # publishes what was notified, and the next try waits for the interval.
     with listening(orders_url, Pacer(3600.0, min_batch=3)) as state:
-        state.flag_held = True
+        state.flag = "lingering"
         state.commit()
         assert state.wait_for_wake()
         state.commit()
         assert not state.woken.wait(1.0)
     assert state.wakes == [1]
+
+
+def test_a_wake_up_found_still_queued_holds_nothing_back(orders_url: str) -> None:
+    # Its run may be about to start: the next commit's wake-up is tried at once.
+    with listening(orders_url, Pacer(3600.0, min_batch=3)) as state:
+        state.flag = "queued"
+        state.commit()
+        assert state.wait_for_wake()
+        state.commit()
+        assert state.wait_for_wake()
+    assert state.wakes == [1, 2]
