@@ -131,9 +131,10 @@ ACTOR_OPTIONS: dict[str, Any] = {
 # A wake-up that is queued and not yet started makes another one redundant: the run it starts
 # reads every row committed before it. So a wake-up is sent only when no flag is set, and the
 # actor clears the flag when it starts. A relay run that lingers under load holds the flag
-# while it is still going to read the outbox again (`pipeline.LingeringRelay`), and says so in
-# it. The flag expires on its own, so a lost message or a killed worker holds back wake-ups
-# for at most WAKE_FLAG_MS (and the sweeper runs anyway).
+# while it is still going to read the outbox again (`pipeline.LingeringRelay`), set to a value
+# of its own ("lingering": the listener then waits an interval before trying again). The flag
+# expires on its own, so a lost message or a killed worker holds back wake-ups for at most
+# WAKE_FLAG_MS (and the sweeper runs anyway).
 WAKE_FLAG_MS = 1_000
 Woken = Literal["sent", "queued", "lingering"]
 
