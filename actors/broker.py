@@ -9,7 +9,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -141,6 +141,16 @@ Woken = Literal["sent", "queued", "lingering"]
 
 def wake_flag(actor_name: str) -> str:
     return f"orders-payments:wake-queued:{actor_name}"
+
+
+def redis_too_old(server_info: Mapping[str, Any]) -> str | None:
+    """Why the Redis whose `INFO server` this is cannot serve `wake`, or None: SET with both NX
+    and GET came in Redis 7.0, and an older server refuses it as a syntax error."""
+    version = str(server_info.get("redis_version", ""))
+    major = version.split(".")[0]
+    if not major.isdigit() or int(major) >= 7:
+        return None  # 7 or newer, or it cannot tell: let it try
+    return f"Redis {version} is too old: wake-ups need Redis 7.0 or newer (SET with NX and GET)"
 
 
 def wake(actor: dramatiq.Actor[[], None]) -> Woken:

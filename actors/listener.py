@@ -113,6 +113,10 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    too_old = broker.redis_too_old(broker.broker.client.info("server"))
+    if too_old is not None:
+        log.error("%s", too_old)
+        return 2
     threads = [
         threading.Thread(target=listen, args=(name, actors, stopping), name=name, daemon=True)
         for name, actors in SERVICES.items()

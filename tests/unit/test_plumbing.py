@@ -12,6 +12,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from actors import consumer
+from actors.broker import redis_too_old
 from actors.pipeline import MAX_LINGER, LingeringRelay, Pacer, to_outgoing
 from services.common import api, db, validation
 from services.common.api import build_app
@@ -438,3 +439,15 @@ def test_a_silent_peer_is_given_up_after_about_the_configured_time(
     # The last probe goes out no later than the user timeout closes the connection.
     assert idle + interval * db.KEEPALIVE_PROBES <= total
     assert idle >= 1
+
+
+@pytest.mark.parametrize(
+    ("version", "too_old"),
+    [("7.0.15", False), ("7.2.4", False), ("8.0.0", False), ("6.2.14", True), ("5.0.7", True)],
+)
+def test_the_listener_refuses_a_redis_too_old_for_its_wake_ups(version: str, too_old: bool) -> None:
+    reason = redis_too_old({"redis_version": version})
+    assert (reason is not None) == too_old
+    if reason is not None:
+        assert version in reason and "7.0 or newer" in reason
+    assert redis_too_old({}) is None  # cannot tell: it tries
