@@ -137,6 +137,8 @@ ACTOR_OPTIONS: dict[str, Any] = {
 # WAKE_FLAG_MS (and the sweeper runs anyway).
 WAKE_FLAG_MS = 1_000
 Woken = Literal["sent", "queued", "lingering"]
+# The flag's value: who holds it.
+QUEUED_FLAG, LINGERING_FLAG = b"queued", b"lingering"
 
 
 def wake_flag(actor_name: str) -> str:
@@ -157,12 +159,12 @@ def wake(actor: dramatiq.Actor[[], None]) -> Woken:
     """Send `actor` a wake-up unless its flag is set: "sent", or what holds the flag, a wake-up
     still "queued" or a "lingering" relay run."""
     held = broker.client.set(
-        wake_flag(actor.actor_name), b"queued", nx=True, px=WAKE_FLAG_MS, get=True
+        wake_flag(actor.actor_name), QUEUED_FLAG, nx=True, px=WAKE_FLAG_MS, get=True
     )
     if held is None:
         actor.send()
         return "sent"
-    return "lingering" if held == b"lingering" else "queued"
+    return "lingering" if held == LINGERING_FLAG else "queued"
 
 
 @dataclass(frozen=True)
@@ -185,7 +187,7 @@ def declare(service: str, make_handler: Callable[[Config], ApplyHandler]) -> Ser
     # Actors return nothing: Dramatiq warns about every returned value without a result backend.
     relay = pipeline.LingeringRelay(
         lambda: pipeline.relay_outbox(resources.pool(), resources.producer(), config),
-        hold=lambda: broker.client.set(relay_flag, b"lingering", px=WAKE_FLAG_MS),
+        hold=lambda: broker.client.set(relay_flag, LINGERING_FLAG, px=WAKE_FLAG_MS),
         release=lambda: broker.client.delete(relay_flag),
         interval=config.batch_interval,
         linger=config.relay_linger,

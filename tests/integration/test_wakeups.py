@@ -113,7 +113,8 @@ def test_a_wake_up_is_sent_only_when_none_is_queued() -> None:
         assert client.llen(f"dramatiq:{queue}") == 2
         assert 0 < client.pttl(actors_broker.wake_flag(name)) <= actors_broker.WAKE_FLAG_MS
         # A lingering relay run holds the flag as its own (the `hold` of `declare`).
-        client.set(actors_broker.wake_flag(name), b"lingering", px=actors_broker.WAKE_FLAG_MS)
+        flag = actors_broker.LINGERING_FLAG
+        client.set(actors_broker.wake_flag(name), flag, px=actors_broker.WAKE_FLAG_MS)
         assert actors_broker.wake(actor) == "lingering"
         assert client.llen(f"dramatiq:{queue}") == 2
         assert actors_broker.redis_too_old(client.info("server")) is None  # what runs here
