@@ -24,6 +24,7 @@ from psycopg_pool import ConnectionPool
 
 from services.common import inbox, outbox
 from services.common.config import Config
+from services.common.db import GENERIC_PLANS
 from services.common.events import EVENT_ID_HEADER, encode
 from services.common.inbox import ApplyHandler
 from services.common.kafka import Outgoing, produce_batch
@@ -45,9 +46,11 @@ DEAD = Counter("dead_lettered_events", "Inbox rows moved to dead_letters", ["poo
 
 # One relay at a time per database keeps every key's events in outbox order on the topic.
 # Marking rows published is bookkeeping that is safe to redo (a mark lost in a crash re-sends
-# rows the consumers drop as duplicates), so its commit does not wait for the WAL flush.
+# rows the consumers drop as duplicates), so its commit does not wait for the WAL flush. The
+# mark goes with a generic plan (`db.GENERIC_PLANS`).
 RELAY_LOCK: Final = (
-    "SET LOCAL synchronous_commit = off; SELECT pg_advisory_xact_lock(hashtext('outbox_relay'))"
+    f"SET LOCAL synchronous_commit = off; {GENERIC_PLANS}; "
+    "SELECT pg_advisory_xact_lock(hashtext('outbox_relay'))"
 )
 
 

@@ -10,6 +10,7 @@ from typing import Any, Final
 
 import psycopg
 
+from services.common.db import GENERIC_PLANS
 from services.common.events import PoisonMessage
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,8 @@ def backoff_seconds(attempts: int, base: float = 0.2, cap: float = 30.0) -> floa
 
 # One applier at a time per database: events are applied in arrival order, so one user's
 # orders are charged in the order they were created. Batches keep that cheap.
-APPLY_LOCK: Final = "SELECT pg_advisory_xact_lock(hashtext('inbox_apply'))"
+# With generic plans for the batch statements that follow (`db.GENERIC_PLANS`).
+APPLY_LOCK: Final = f"{GENERIC_PLANS}; SELECT pg_advisory_xact_lock(hashtext('inbox_apply'))"
 
 
 @dataclass(frozen=True)
