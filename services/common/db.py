@@ -19,9 +19,10 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (psycopg.OperationalError, PoolTi
 # costed for arrays of 10 elements, against custom plans costed for the batch at hand, mostly
 # smaller, so it judged the generic plan dearer and planned every execution again: at 500
 # orders/s, 0.35 ms of planning per payments charge, 0.15 per batch of settled orders, 0.09
-# per relay mark (pg_stat_statements), about 2% of the machine's CPU. Their generic plans are the
-# same index scans. Set at the start of those transactions (`SET LOCAL`: it ends with them),
-# in the same round trip as their advisory lock; other statements keep the default.
+# per relay mark (pg_stat_statements' wall clock), about 2% of the machine's CPU in all.
+# Their generic plans are the same index scans. Set at the start of those transactions (`SET
+# LOCAL`: it ends with them), in the same round trip as their advisory lock; other statements
+# keep the default.
 GENERIC_PLANS: Final = "SET LOCAL plan_cache_mode = force_generic_plan"
 
 
