@@ -90,8 +90,7 @@ def wake_relay(
             stopping.wait(pacer.remaining())
             pending += pipeline.notifications(pgconn, timeout=0).total()
         if pending and not pacer.remaining():
-            lingering = wake() == "lingering"
-            pacer.started(max(pending, pacer.min_batch) if lingering else pending)
+            pacer.started(pending, loaded=wake() == "lingering")
             pending = 0
 
 

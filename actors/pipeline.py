@@ -79,18 +79,19 @@ class Pacer:
         self.min_batch = min_batch
         self.clock = clock
         self.last = -math.inf
-        self.last_size = 0
+        self.loaded = False  # the last batch said load: the next one waits for the interval
 
     def remaining(self) -> float:
         """Seconds until the next batch may start (0: now)."""
-        if self.last_size < self.min_batch:
+        if not self.loaded:
             return 0.0
         return max(0.0, self.last + self.interval - self.clock())
 
-    def started(self, size: int) -> None:
-        """A batch of `size` events starts now."""
+    def started(self, size: int, *, loaded: bool = False) -> None:
+        """A batch of `size` events starts now; `loaded`: the caller knows of load however
+        small the batch (the listener, finding a relay run lingering)."""
         self.last = self.clock()
-        self.last_size = size
+        self.loaded = loaded or size >= self.min_batch
 
 
 class RelayIncomplete(RuntimeError):
@@ -321,9 +322,10 @@ class LingeringRelay:
             while True:
                 with self._state:
                     self._holding = True
-                if self._clock() - held >= self.hold_every:
+                now = self._clock()
+                if now - held >= self.hold_every:
                     self._hold()  # commits from here on are this run's to publish
-                    held = self._clock()
+                    held = now
                 self._wait(started)
                 started = self._clock()
                 if self._watch is not None:
