@@ -494,8 +494,8 @@ def test_purge_removes_only_rows_older_than_the_retention_window(
 def test_analyze_of_the_pipeline_tables_skips_payloads_and_samples_little(
     config: Config, service: str, request: pytest.FixtureRequest
 ) -> None:
-    # Autovacuum analyzes the outbox every few seconds under load; with statistics on the
-    # jsonb payloads and the default 30,000-row sample that was 0.4 s of CPU in one burst.
+    # Under load autovacuum analyzes the outbox at each of its rounds; with statistics on the
+    # jsonb payloads and the default 30,000-row sample that was 0.45 s of CPU in one burst.
     conn: psycopg.Connection[Any] = request.getfixturevalue(f"{service}_db")
     add_outbox_rows(conn, config, ["a", "b", "c"])
     inbox.record(conn, [inbox.Received(uuid.uuid4(), "t", "k", 0, n, b"{}") for n in range(3)])
