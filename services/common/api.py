@@ -8,7 +8,6 @@ errors as problem+json, and publishes the same schemas at `/openapi.json` with S
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -38,7 +37,7 @@ from starlette.routing import Match, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.common import problems, validation
+from services.common import fastjson, problems, validation
 from services.common.events import rfc3339
 from services.common.ids import uuid7
 from services.common.problems import FieldError, Problem
@@ -173,7 +172,7 @@ async def _read_json(request: Request, required: bool) -> Any:
     if media_type != "application/json" and not media_type.endswith("+json"):
         raise problems.unsupported_media_type(media_type)
     try:
-        return json.loads(raw)
+        return fastjson.loads(raw)
     except ValueError as exc:  # bad syntax, bad UTF-8, or an integer over 4300 digits
         raise problems.malformed_json(f"The body is not valid JSON: {exc}.") from exc
 
@@ -467,5 +466,5 @@ def _json_default(value: Any) -> Any:
 
 def respond(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
     """A JSON answer; UUIDs become strings and datetimes RFC 3339 UTC."""
-    body = json.dumps(data, default=_json_default, separators=(",", ":"), ensure_ascii=False)
+    body = fastjson.dumps(data, default=_json_default)
     return Response(body, status_code=status, headers=headers, media_type="application/json")

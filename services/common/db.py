@@ -7,9 +7,16 @@ import weakref
 from typing import Any, Final
 
 import psycopg
+from psycopg.types.json import set_json_dumps, set_json_loads
 from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
+from services.common import fastjson
 from services.common.config import Config
+
+# json and jsonb values (the outbox's payloads and headers, written by Orders and the payments
+# consumer, read by the relays) go through `fastjson`, for every connection of the process.
+set_json_dumps(fastjson.dumps)
+set_json_loads(fastjson.loads)
 
 # What a request handler may meet when its database is out of reach: answered with 503.
 UNAVAILABLE: tuple[type[BaseException], ...] = (psycopg.OperationalError, PoolTimeout)

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Final
 
+from services.common import fastjson
 from services.common.ids import uuid7
 
 SCHEMA_VERSION: Final = 1
@@ -67,13 +68,13 @@ def rfc3339(moment: datetime) -> str:
 
 def encode(envelope_json: Mapping[str, Any]) -> bytes:
     """The bytes of a Kafka message value."""
-    return json.dumps(envelope_json, separators=(",", ":"), ensure_ascii=False).encode()
+    return fastjson.dumps(envelope_json)
 
 
 def decode(raw: bytes, expected_type: str) -> Envelope:
     """Parse a message value; raise `PoisonMessage` with the reason if it is not a valid event."""
     try:
-        data = json.loads(raw)
+        data = fastjson.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise PoisonMessage(f"malformed JSON: {exc}") from exc
     if not isinstance(data, dict):

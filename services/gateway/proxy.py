@@ -29,7 +29,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from services.common import http1, problems
+from services.common import fastjson, http1, problems
 from services.common.api import REQUEST_ID_HEADER, Call, Handler, ReadinessCheck
 from services.common.config import Config
 
@@ -140,8 +140,12 @@ def encode_body(body: Any) -> bytes | None:
     """The validated JSON body, encoded again (the framework consumed the request stream)."""
     if body is None:
         return None
-    # ASCII escapes keep any string (even a lone surrogate) encodable; NaN never passes validation.
-    return json.dumps(body, allow_nan=False, separators=(",", ":")).encode()
+    # NaN never passes validation. A lone surrogate cannot be written as UTF-8: ASCII escapes
+    # keep it (as they would any string).
+    try:
+        return fastjson.dumps(body)
+    except UnicodeEncodeError:
+        return json.dumps(body, allow_nan=False, separators=(",", ":")).encode()
 
 
 _JSON_BODY: Final = ("Content-Type", "application/json")
