@@ -32,8 +32,9 @@ def std_loads(raw: bytes) -> tuple[str, str]:
 
 def std_dumps(value: Any, default: Callable[[Any], Any] | None = None) -> tuple[str, str]:
     return outcome(
-        lambda: json.dumps(value, default=default, separators=(",", ":"), ensure_ascii=False)
-        .encode()
+        lambda: json.dumps(
+            value, default=default, separators=(",", ":"), ensure_ascii=False
+        ).encode()
     )
 
 
@@ -112,7 +113,7 @@ def test_dumps_writes_the_standard_librarys_bytes(value: Any) -> None:
         {"big": 2**64, "small": -(2**63) - 1},
         {1: "not a string key"},
         {"s": "\ud800"},
-        {"s": "\x00\x1f\x7f\u2028é😀\"\\/"},
+        {"s": '\x00\x1f\x7f\u2028é😀"\\/'},
         {"t": (1, 2)},
         {"unknown": object()},
     ],
