@@ -683,7 +683,10 @@ def test_a_retryable_answer_is_retried_only_for_idempotent_methods() -> None:
     assert not proxy.may_retry("POST", unavailable)
 
 
-def test_bodies_are_encoded_as_ascii_json_so_any_string_survives() -> None:
+def test_bodies_are_encoded_as_utf8_json_and_any_string_survives() -> None:
+    plain = {"description": "é 😀", "amount": 10**15}
+    assert proxy.encode_body(plain) == '{"description":"é 😀","amount":1000000000000000}'.encode()
+    # A lone surrogate has no UTF-8 form: that body goes in ASCII escapes.
     body = {"description": "é\ud800", "amount": 10**15}
     encoded = proxy.encode_body(body)
     assert encoded is not None
