@@ -45,16 +45,19 @@ scalars = (
     | st.integers(min_value=-(2**70), max_value=2**70)
     | st.text()
 )
-documents = st.recursive(
-    scalars,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
-    max_leaves=12,
-)
-with_floats = st.recursive(
-    scalars | st.floats(),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
-    max_leaves=12,
-)
+
+
+def nested(leaves: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """JSON documents: `leaves` in lists and objects, a few levels deep."""
+    return st.recursive(
+        leaves,
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+        max_leaves=12,
+    )
+
+
+documents = nested(scalars)
+with_floats = nested(scalars | st.floats())
 
 
 @settings(max_examples=400)
