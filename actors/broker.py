@@ -142,7 +142,8 @@ QUEUED_FLAG, LINGERING_FLAG = b"queued", b"lingering"
 
 
 def wake_flag(actor_name: str) -> str:
-    return f"orders-payments:wake-queued:{actor_name}"
+    """The Redis key of `actor_name`'s flag, held by a queued wake-up or a lingering run."""
+    return f"orders-payments:wake-flag:{actor_name}"
 
 
 def redis_too_old(server_info: Mapping[str, Any]) -> str | None:
