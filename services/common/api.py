@@ -173,7 +173,11 @@ async def _read_json(request: Request, required: bool) -> Any:
         raise problems.unsupported_media_type(media_type)
     try:
         return fastjson.loads(raw)
-    except ValueError as exc:  # bad syntax, bad UTF-8, or an integer over 4300 digits
+    except fastjson.NumberTooLong as exc:  # well-formed, and far above any amount we take
+        raise problems.validation_failed([FieldError("body", f"has {exc}")]) from exc
+    except fastjson.TooDeep as exc:
+        raise problems.malformed_json(f"The body cannot be read: {exc}.") from exc
+    except ValueError as exc:  # bad syntax or bad UTF-8
         raise problems.malformed_json(f"The body is not valid JSON: {exc}.") from exc
 
 

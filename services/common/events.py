@@ -6,7 +6,6 @@ the same `event_id` travels in the `event_id` header. `event_id` is the consumer
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -75,7 +74,7 @@ def decode(raw: bytes, expected_type: str) -> Envelope:
     """Parse a message value; raise `PoisonMessage` with the reason if it is not a valid event."""
     try:
         data = fastjson.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # bad syntax or UTF-8, too deep, an integer too long for Python
         raise PoisonMessage(f"malformed JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise PoisonMessage("envelope is not a JSON object")

@@ -11,11 +11,12 @@ is left to jsonschema alone.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
-from jsonschema import Draft202012Validator, ValidationError, validators
+from jsonschema import Draft202012Validator, FormatChecker, ValidationError, validators
 
 from services.common.problems import FieldError
 
@@ -90,7 +91,23 @@ def _message_of(error: ValidationError) -> str:
 
 
 Predicate = Callable[[Any], bool]
-_FORMATS: Final = Draft202012Validator.FORMAT_CHECKER
+
+# A UUID as ids are written: 8-4-4-4-12 hex digits, either case. `uuid.UUID`, and jsonschema's
+# "uuid" format which calls it, also take braces, a `urn:uuid:` prefix, missing or extra
+# hyphens and trailing hyphens ("…-117a4cf787ed-" named the same account as without them).
+_CANONICAL_UUID: Final = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+)
+
+
+def is_canonical_uuid(text: str) -> bool:
+    return _CANONICAL_UUID.fullmatch(text) is not None
+
+
+# The format checker every schema is checked with: jsonschema's, with "uuid" held to the
+# canonical form (for strings only: a format asserts nothing about other types).
+FORMAT_CHECKER: Final = FormatChecker()
+FORMAT_CHECKER.checks("uuid")(lambda value: not isinstance(value, str) or is_canonical_uuid(value))
 
 
 def _is_number(value: Any) -> bool:
@@ -172,7 +189,7 @@ def _keyword(keyword: str, value: Any, schema: Schema) -> Predicate | None:
 
 def _format(name: str) -> Predicate:
     """The format checker's own function for `name`, without the dispatch of `conforms`."""
-    known = _FORMATS.checkers.get(name)
+    known = FORMAT_CHECKER.checkers.get(name)
     if known is None:
         return lambda v: True  # a format the checker does not know asserts nothing
     func, raises = known
@@ -211,7 +228,7 @@ _validators: dict[int, tuple[Schema, Any, Predicate | None]] = {}
 def _validator_for(schema: Schema) -> tuple[Any, Predicate | None]:
     cached = _validators.get(id(schema))
     if cached is None or cached[0] is not schema:
-        validator = StrictValidator(schema, format_checker=_FORMATS)
+        validator = StrictValidator(schema, format_checker=FORMAT_CHECKER)
         cached = _validators[id(schema)] = (schema, validator, compile_predicate(schema))
     return cached[1], cached[2]
 
@@ -230,10 +247,6 @@ def check(schema: Schema, instance: Any) -> list[FieldError]:
 
 def parse_uuid(name: str, text: str) -> uuid.UUID | FieldError:
     """A UUID in its canonical 8-4-4-4-12 form from a path or query string, or the error."""
-    try:
-        parsed = uuid.UUID(text)
-        if str(parsed) == text.lower():
-            return parsed
-    except ValueError:
-        pass
+    if is_canonical_uuid(text):
+        return uuid.UUID(text)
     return FieldError(name, "must be a valid uuid")

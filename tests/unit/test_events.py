@@ -32,6 +32,8 @@ def test_envelope_json_carries_every_contract_field_with_rfc3339_utc_time() -> N
     [
         (b"{not json", "malformed JSON"),
         (b"\xff\xfe", "malformed JSON"),
+        (b"[" * 5000 + b"]" * 5000, "malformed JSON"),
+        (b'{"schema_version": ' + b"1" * 5000 + b"}", "malformed JSON"),
         (b"[1, 2]", "not a JSON object"),
         (b'{"schema_version": 99, "type": "t", "payload": {}}', "schema_version"),
         (b'{"schema_version": true, "type": "t", "payload": {}}', "schema_version"),

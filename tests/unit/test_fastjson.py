@@ -93,11 +93,29 @@ def test_loads_reads_what_the_standard_library_reads(
         b"-0",
         b"-0.0",
         b'"\\u0000"',
-        b"[" * 5000 + b"]" * 5000,
+        b"9" * 4300,
     ],
 )
 def test_loads_edges(raw: bytes) -> None:
     assert outcome(lambda: fastjson.loads(raw)) == std_loads(raw)
+
+
+@pytest.mark.parametrize(
+    ("raw", "error"),
+    [
+        (b"[" * 5000 + b"]" * 5000, fastjson.TooDeep),  # json: RecursionError
+        (b'{"a": ' * 5000 + b"1" + b"}" * 5000, fastjson.TooDeep),
+        (b"9" * 4301, fastjson.NumberTooLong),  # json: a plain ValueError
+        (b'{"amount": -' + b"9" * 5000 + b"}", fastjson.NumberTooLong),
+    ],
+)
+def test_loads_refuses_what_python_cannot_hold_with_a_value_error_of_its_own(
+    raw: bytes, error: type[ValueError]
+) -> None:
+    # Callers catch ValueError for bad input; a RecursionError would have been a 500.
+    assert issubclass(error, ValueError)
+    with pytest.raises(error):
+        fastjson.loads(raw)
 
 
 @settings(max_examples=400)

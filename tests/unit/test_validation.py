@@ -10,7 +10,6 @@ from typing import Any
 import hypothesis.strategies as st
 import pytest
 from hypothesis import given, settings
-from jsonschema import Draft202012Validator
 
 from services.common import validation
 from services.common.api import Endpoint
@@ -35,9 +34,9 @@ SCHEMAS = declared_schemas(orders.ENDPOINTS + payments.ENDPOINTS)
 
 def jsonschema_accepts(schema: Schema, instance: Any) -> bool:
     return bool(
-        validation.StrictValidator(
-            schema, format_checker=Draft202012Validator.FORMAT_CHECKER
-        ).is_valid(instance)
+        validation.StrictValidator(schema, format_checker=validation.FORMAT_CHECKER).is_valid(
+            instance
+        )
     )
 
 
@@ -54,6 +53,10 @@ UUID_LIKE = [
     "urn:uuid:" + GOOD_UUID,
     GOOD_UUID[:-1],
     GOOD_UUID.replace("-", "_"),
+    GOOD_UUID + "-",
+    GOOD_UUID[:23] + "-" + GOOD_UUID[23:],
+    GOOD_UUID[:-1] + "\u0661",  # ARABIC-INDIC DIGIT ONE: int() reads it as 1
+    GOOD_UUID + "\n",
 ]
 ODD_VALUES: list[Any] = [
     0,
@@ -175,3 +178,19 @@ def test_a_rejected_instance_still_gets_every_error_from_jsonschema() -> None:
         ("user_id", "must be a valid uuid"),
         ("x", "unknown field"),
     ]
+
+
+@pytest.mark.parametrize("text", UUID_LIKE[2:])
+def test_an_id_is_taken_only_in_its_canonical_form(text: str) -> None:
+    # uuid.UUID, and jsonschema's "uuid" format with it, read most of these as GOOD_UUID: an
+    # account id with a trailing hyphen topped the account up.
+    assert validation.check(validation.UUID_SCHEMA, text) == [
+        FieldError("body", "must be a valid uuid")
+    ]
+    assert isinstance(validation.parse_uuid("id", text), FieldError)
+
+
+@pytest.mark.parametrize("text", UUID_LIKE[:2])
+def test_a_canonical_id_is_taken_in_either_case(text: str) -> None:
+    assert validation.check(validation.UUID_SCHEMA, text) == []
+    assert validation.parse_uuid("id", text) == uuid.UUID(GOOD_UUID)
