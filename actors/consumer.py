@@ -55,6 +55,14 @@ PACE_SHARE = 0.5
 GATHER_SECONDS = 0.001
 
 
+def key_text(key: bytes | str | None) -> str | None:
+    """A message key as inbox text, kept for the record only. Postgres text holds no NUL: a key
+    with one failed every insert of its batch, and the partition stopped behind it."""
+    if isinstance(key, bytes):
+        key = key.decode(errors="replace")
+    return key.replace("\x00", "\ufffd") if key is not None else None
+
+
 def to_received(message: Message) -> Received:
     """A Kafka message as an inbox row; poison is kept as it came, to be dead-lettered later."""
     topic, partition, offset = message.topic() or "", message.partition(), message.offset()
@@ -62,7 +70,7 @@ def to_received(message: Message) -> Received:
     return Received(
         event_id=event_id_for(message.headers(), topic, partition or 0, offset or 0),
         topic=topic,
-        key=key.decode(errors="replace") if isinstance(key, bytes) else key,
+        key=key_text(key),
         partition=partition,
         offset=offset,
         payload=message.value() or b"",

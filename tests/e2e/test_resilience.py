@@ -76,6 +76,39 @@ def test_poison_is_dead_lettered_and_later_messages_on_its_partition_still_flow(
     assert "poison" in eventually(dead_lettered, timeout=30)
 
 
+def test_a_key_postgres_cannot_store_does_not_stop_its_partition(system: System) -> None:
+    # A key with a NUL byte (a producer keying by raw UUID bytes writes one now and then) failed
+    # the inbox insert of its whole batch: the consumer died on it, restarted, died again.
+    config = Config(kafka_topic_prefix=system.env["KAFKA_TOPIC_PREFIX"])
+    user = system.funded_user(1_000)
+    first = system.place_order(user, 100)
+    assert system.wait_terminal([first])[first] == ("paid", None)
+    [(request_id,)] = system.orders_sql(
+        "SELECT event_id::text FROM outbox WHERE payload->'payload'->>'order_id' = %s", first
+    )
+    [(partition,)] = system.payments_sql(
+        "SELECT kafka_partition FROM inbox WHERE event_id = %s", request_id
+    )
+    producer = Producer(kafka.producer_settings(config, "e2e-poison"))
+    event_id = str(uuid.uuid4())
+    producer.produce(
+        config.topic(TOPIC_PAYMENT_REQUESTED),
+        key=b"a\x00b",
+        value=b"{not json",
+        partition=partition,  # the user's, so that the next order queues behind it
+        headers=[("event_id", event_id.encode())],
+    )
+    assert producer.flush(10) == 0
+    second = system.place_order(user, 200)
+    assert system.wait_terminal([second])[second] == ("paid", None)
+
+    def dead_lettered() -> None:
+        rows = system.payments_sql("SELECT reason FROM dead_letters WHERE event_id = %s", event_id)
+        assert rows, "not dead-lettered yet"
+
+    eventually(dead_lettered, timeout=30)
+
+
 def test_garbage_on_the_results_topic_is_dead_lettered_by_orders(system: System) -> None:
     config = Config(kafka_topic_prefix=system.env["KAFKA_TOPIC_PREFIX"])
     producer = Producer(kafka.producer_settings(config, "e2e-poison"))
