@@ -76,18 +76,22 @@ def list_orders(*, by_user: bool, by_status: bool, after_cursor: bool) -> str:
 ORDER_STATUS: Final = "SELECT status FROM orders WHERE id = %(id)s"
 
 # Compare-and-set: only a new order moves, whatever the caller believed its status to be.
+# `updated_at` never goes below `created_at` (a CHECK): after the clock stepped back, a result
+# failing that check would have been retried and dead-lettered, the order left new and paid for.
 # `(status = 'new') IS TRUE` rather than `status = 'new'`: with the latter the planner found the
 # row through orders_by_status, whose 'new' section is mostly dead entries under load (orders
 # stay new for milliseconds), and took 2-3 ms per update instead of 0.1 ms by primary key.
 SETTLE_ORDER: Final = """
-UPDATE orders SET status = %(status)s, reason = %(reason)s, updated_at = clock_timestamp()
+UPDATE orders SET status = %(status)s, reason = %(reason)s,
+    updated_at = greatest(clock_timestamp(), created_at)
 WHERE id = %(id)s AND (status = 'new') IS TRUE
 """
 
 # SETTLE_ORDER for a batch of results, one per order: the ids of the orders it moved.
 SETTLE_ORDERS: Final = """
 UPDATE orders
-SET status = result.status, reason = result.reason, updated_at = clock_timestamp()
+SET status = result.status, reason = result.reason,
+    updated_at = greatest(clock_timestamp(), orders.created_at)
 FROM unnest(%(ids)b::uuid[], %(statuses)b::text[], %(reasons)b::text[])
      AS result (id, status, reason)
 WHERE orders.id = result.id AND (orders.status = 'new') IS TRUE

@@ -111,6 +111,32 @@ def test_a_paid_result_marks_a_new_order_paid(orders_db: psycopg.Connection[Any]
     assert unprocessed(orders_db) == 0
 
 
+@pytest.mark.parametrize("path", ["one by one", "batch"])
+def test_a_result_settles_an_order_created_by_a_clock_now_set_back(
+    orders_db: psycopg.Connection[Any], path: str
+) -> None:
+    # The clock stepped back after the order was written: `updated_at >= created_at` (a CHECK)
+    # failed, and the result was retried, then dead-lettered, the order left new and paid for.
+    order_id = new_order(orders_db)
+    orders_db.execute(
+        "UPDATE orders SET created_at = created_at + interval '1 hour',"
+        " updated_at = updated_at + interval '1 hour' WHERE id = %s",
+        (order_id,),
+    )
+    _, _, created_at = state(orders_db, order_id)
+
+    if path == "batch":
+        report = pipeline.record_and_apply(
+            orders_db, [result(order_id, "paid")], make_handler(CONFIG), CONFIG
+        )
+    else:
+        report = deliver(orders_db, result(order_id, "paid"))
+
+    assert report == ApplyReport(applied=1)
+    assert state(orders_db, order_id) == ("paid", None, created_at)
+    assert dead_letters(orders_db) == []
+
+
 @pytest.mark.parametrize("reason", ["insufficient_funds", "account_not_found"])
 def test_a_failed_result_marks_a_new_order_failed_with_its_reason(
     orders_db: psycopg.Connection[Any], reason: str
