@@ -10,14 +10,21 @@ Run it with `python -m actors.listener`."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
 from collections.abc import Callable
 
 import psycopg
+import redis
 from psycopg import pq
-from tenacity import Retrying, retry_if_exception_type, wait_exponential_jitter
+from tenacity import (
+    Retrying,
+    before_sleep_log,
+    retry_if_exception_type,
+    wait_exponential_jitter,
+)
 
 from actors import broker, orders, payments, pipeline
 from actors.broker import ServiceActors, config
@@ -28,6 +35,26 @@ log = logging.getLogger("actors.listener")
 SERVICES: dict[str, ServiceActors] = {"orders": orders.actors, "payments": payments.actors}
 # Seconds a listener thread waits for a notification before it checks whether to stop.
 IDLE_WAIT = 0.5
+# What the listener waits out, reconnecting with backoff for as long as it lasts: Postgres or
+# Redis down or restarting. Exiting instead made a Redis outage of a few seconds fatal under
+# supervisord (each restart failed within its `startsecs`), and nothing woke a relay again.
+OUTAGES = (psycopg.OperationalError, OSError, redis.ConnectionError, redis.TimeoutError)
+
+
+def through_outages(stopping: threading.Event) -> Retrying:
+    """Attempts that retry `OUTAGES` with backoff until `stopping` (then the error is raised)."""
+
+    def pause(seconds: float) -> None:
+        stopping.wait(seconds)
+
+    return Retrying(
+        retry=retry_if_exception_type(OUTAGES),
+        wait=wait_exponential_jitter(multiplier=0.2, max=5),
+        stop=lambda _state: stopping.is_set(),
+        sleep=pause,
+        before_sleep=before_sleep_log(log, logging.WARNING),
+        reraise=True,
+    )
 
 
 def listen(service: str, actors: ServiceActors, stopping: threading.Event) -> None:
@@ -42,24 +69,21 @@ def listen(service: str, actors: ServiceActors, stopping: threading.Event) -> No
 
 
 def _listen(service: str, actors: ServiceActors, stopping: threading.Event) -> None:
-    for attempt in Retrying(
-        retry=retry_if_exception_type((psycopg.OperationalError, OSError)),
-        wait=wait_exponential_jitter(multiplier=0.2, max=5),
-        reraise=True,
-    ):
-        with attempt:
-            if stopping.is_set():
-                return
-            with db.connect(config, service, f"{service}-listener") as conn:
-                conn.execute(f"LISTEN {pipeline.OUTBOX_CHANNEL}")
-                log.info("%s: listening on %s", service, pipeline.OUTBOX_CHANNEL)
-                actors.sweep.send()  # whatever was notified while we were away
-                wake_relay(
-                    conn.pgconn,
-                    lambda: broker.wake(actors.relay_outbox),
-                    pipeline.Pacer(config.batch_interval),
-                    stopping,
-                )
+    with contextlib.suppress(*OUTAGES):  # raised only once stopping
+        for attempt in through_outages(stopping):
+            with attempt:
+                if stopping.is_set():
+                    return
+                with db.connect(config, service, f"{service}-listener") as conn:
+                    conn.execute(f"LISTEN {pipeline.OUTBOX_CHANNEL}")
+                    log.info("%s: listening on %s", service, pipeline.OUTBOX_CHANNEL)
+                    actors.sweep.send()  # whatever was notified while we were away
+                    wake_relay(
+                        conn.pgconn,
+                        lambda: broker.wake(actors.relay_outbox),
+                        pipeline.Pacer(config.batch_interval),
+                        stopping,
+                    )
 
 
 def wake_relay(
@@ -112,7 +136,13 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    too_old = broker.redis_too_old(broker.broker.client.info("server"))
+    try:
+        for attempt in through_outages(stopping):  # Redis may come up after us
+            with attempt:
+                server = broker.broker.client.info("server")
+    except OUTAGES:
+        return 0 if signalled.is_set() else 1
+    too_old = broker.redis_too_old(server)
     if too_old is not None:
         log.error("%s", too_old)
         return 2

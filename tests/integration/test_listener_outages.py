@@ -1,0 +1,129 @@
+"""The listener process through Redis outages, on real Postgres and a Redis server of the
+test's own: it waits for Redis at start, and a Redis that goes away while it runs is waited out
+too; once Redis is back, commits wake the relays again. Before, either outage made it exit, and
+under supervisord a few seconds of it stopped the wake-ups for good."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+import pytest
+import redis
+
+from services.common.ids import uuid7
+
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def redis_server(port: int) -> Iterator[redis.Redis]:
+    process = subprocess.Popen(
+        [
+            REDIS_SERVER,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    client = redis.Redis(port=port, socket_timeout=5)
+    try:
+        until(lambda: client.ping(), "redis-server did not start")
+        yield client
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+        client.close()
+
+
+def until(check: Callable[[], Any], failure: str, timeout: float = 30) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            result = check()
+            if result:
+                return result
+        except (redis.ConnectionError, AssertionError):
+            pass
+        assert time.monotonic() < deadline, failure
+        time.sleep(0.1)
+
+
+def enqueued(client: redis.Redis, actor: str) -> bool:
+    """Whether a message for `actor` waits on the orders queue."""
+    return any(
+        f'"actor_name":"{actor}"'.encode() in m for m in client.hvals("dramatiq:orders.msgs")
+    )
+
+
+def commit_outbox_row(db: psycopg.Connection[Any]) -> None:
+    """An outbox insert: its trigger notifies the listener."""
+    db.execute(
+        "INSERT INTO outbox (event_id, topic, key, payload) VALUES (%s, 't', 'k', '{}')",
+        (uuid7(),),
+    )
+
+
+def still_running(process: subprocess.Popen[bytes], seconds: float) -> bool:
+    try:
+        process.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        return True
+    return False
+
+
+@pytest.mark.skipif(not os.path.exists(REDIS_SERVER), reason="no redis-server")
+def test_the_listener_waits_out_redis_outages_and_wakes_relays_when_it_is_back(
+    orders_url: str, payments_url: str, orders_db: psycopg.Connection[Any]
+) -> None:
+    port = free_port()
+    env = {
+        **os.environ,
+        "ORDERS_DATABASE_URL": orders_url,
+        "PAYMENTS_DATABASE_URL": payments_url,
+        "REDIS_URL": f"redis://127.0.0.1:{port}/0",
+        "SWEEP_INTERVAL": "3600",
+    }
+    listener = subprocess.Popen(
+        [sys.executable, "-m", "actors.listener"], env=env, stdout=subprocess.DEVNULL
+    )
+    try:
+        # No Redis yet: it waits (it exited within half a second before).
+        assert still_running(listener, 3)
+        with redis_server(port) as client:
+            # Connected: each service's listening thread sends a sweep.
+            until(lambda: enqueued(client, "sweep_orders"), "no sweep once Redis came up")
+        # Redis gone while it runs: the wake-up for this commit fails, and it waits again.
+        commit_outbox_row(orders_db)
+        assert still_running(listener, 3)
+        with redis_server(port) as client:
+            until(lambda: enqueued(client, "sweep_orders"), "no sweep once Redis was back")
+            commit_outbox_row(orders_db)
+            until(lambda: enqueued(client, "relay_orders_outbox"), "a commit woke no relay")
+        listener.send_signal(signal.SIGTERM)
+        assert listener.wait(timeout=15) == 0
+    finally:
+        if listener.poll() is None:
+            listener.kill()
+            listener.wait(timeout=10)
