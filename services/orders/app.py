@@ -318,12 +318,19 @@ ENDPOINTS: Final[list[Endpoint]] = [
 ]
 
 
+# The share of the gateway's timeout an order may take to be written; the rest is for the way
+# back (and a commit that was under way when its time ran out).
+WRITE_SHARE_OF_HTTP_TIMEOUT = 0.8
+
+
 @asynccontextmanager
 async def order_writer(app: Starlette, pool: AsyncConnectionPool) -> AsyncIterator[None]:
     """New orders are written through one `OrderWriter` (group commit) per process."""
     config: Config = app.state.config
     timeout = config.db_connect_timeout + config.db_statement_timeout
-    writer = app.state.order_writer = OrderWriter(pool, timeout)
+    # The gateway answers 503 after HTTP_TIMEOUT: an order is written, or refused, well before.
+    deadline = config.http_timeout * WRITE_SHARE_OF_HTTP_TIMEOUT
+    writer = app.state.order_writer = OrderWriter(pool, timeout, deadline)
     try:
         yield
     finally:

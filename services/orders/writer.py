@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import dataclass
 from typing import Any, Final
 
 import psycopg
@@ -27,18 +28,34 @@ log = logging.getLogger(__name__)
 MAX_BATCH: Final = 100
 
 Row = tuple[Any, ...]
-# A caller's order parameters and the future its row (or its error) is delivered to.
-Waiting = tuple[dict[str, Any], asyncio.Future[Row]]
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """A caller's order parameters, the future its row (or its error) is delivered to, and the
+    loop time by which the order must be written or refused."""
+
+    params: dict[str, Any]
+    future: asyncio.Future[Row]
+    due: float
 
 
 class OrderWriter:
     """Writes each caller's order with `queries.CREATE_ORDERS`, batching concurrent callers."""
 
-    def __init__(self, pool: AsyncConnectionPool, timeout: float) -> None:
+    def __init__(self, pool: AsyncConnectionPool, timeout: float, deadline: float) -> None:
         """`timeout`: seconds one batch may take (getting a connection included); past it its
-        callers are answered 503, whether or not the transaction went through."""
+        callers are answered 503, whether or not the transaction went through (psycopg cancels
+        the statement, so it went through only if it was committing right then).
+
+        `deadline`: seconds from a caller's arrival by which its order is written or refused,
+        shorter than the gateway's own timeout. An order still queued then (behind a stalled
+        insert) is answered 503 and never written, and a batch may take only what is left of
+        its oldest caller's time: a client the gateway answered 503, "retry", must not find
+        that order written too and pay for it twice when it does."""
         self._pool = pool
         self._timeout = timeout
+        self._deadline = deadline
         self._waiting: list[Waiting] = []
         self._arrived = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -47,8 +64,9 @@ class OrderWriter:
         """Insert one order (and its outbox row); return the order's row once it committed."""
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run(), name="order-writer")
-        future: asyncio.Future[Row] = asyncio.get_running_loop().create_future()
-        self._waiting.append((params, future))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Row] = loop.create_future()
+        self._waiting.append(Waiting(params, future, loop.time() + self._deadline))
         self._arrived.set()
         return await future
 
@@ -69,6 +87,21 @@ class OrderWriter:
             batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
             if not self._waiting:
                 self._arrived.clear()
+            now = asyncio.get_running_loop().time()
+            late = [one for one in batch if one.due <= now]
+            if late:
+                log.warning(
+                    "%d orders waited %s s for the database: not written", len(late), self._deadline
+                )
+                _fail_all(
+                    late,
+                    psycopg.OperationalError(
+                        "the order waited too long for the database and was not written"
+                    ),
+                )
+                batch = [one for one in batch if one.due > now]
+                if not batch:
+                    continue
             try:
                 await self._write(batch)
             except Exception as exc:  # a bug here must not leave callers waiting, or stop us
@@ -76,11 +109,13 @@ class OrderWriter:
                 _fail_all(batch, exc)
 
     async def _write(self, batch: list[Waiting]) -> None:
+        left = min(one.due for one in batch) - asyncio.get_running_loop().time()
+        timeout = max(0.0, min(self._timeout, left))
         try:
-            async with asyncio.timeout(self._timeout):
-                rows = await self._insert([params for params, _ in batch])
+            async with asyncio.timeout(timeout):
+                rows = await self._insert([one.params for one in batch])
         except TimeoutError:
-            late = psycopg.OperationalError(f"writing orders took over {self._timeout} s")
+            late = psycopg.OperationalError(f"writing orders took over {timeout:.1f} s")
             _fail_all(batch, late)
             return
         except db.UNAVAILABLE as exc:  # the database is out of reach: every caller gets a 503
@@ -88,7 +123,7 @@ class OrderWriter:
             return
         except Exception as exc:
             if len(batch) == 1:
-                _fail(batch[0][1], exc)
+                _fail(batch[0].future, exc)
                 return
             # One bad order must not fail the others: write each alone.
             log.warning(
@@ -97,9 +132,9 @@ class OrderWriter:
             for one in batch:
                 await self._write([one])
             return
-        for (_, future), row in zip(batch, rows, strict=True):
-            if not future.done():  # the caller may have gone (request cancelled)
-                future.set_result(row)
+        for one, row in zip(batch, rows, strict=True):
+            if not one.future.done():  # the caller may have gone (request cancelled)
+                one.future.set_result(row)
 
     async def _insert(self, batch: list[dict[str, Any]]) -> list[Row]:
         async with self._pool.connection() as conn:
@@ -114,5 +149,5 @@ def _fail(future: asyncio.Future[Row], exc: BaseException) -> None:
 
 
 def _fail_all(batch: list[Waiting], exc: BaseException) -> None:
-    for _, future in batch:
-        _fail(future, exc)
+    for one in batch:
+        _fail(one.future, exc)

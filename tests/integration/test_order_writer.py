@@ -27,7 +27,7 @@ def order_params(order_id: uuid.UUID | None = None) -> dict[str, Any]:
 
 async def create_all(url: str, batch: list[dict[str, Any]]) -> list[Any]:
     async with AsyncConnectionPool(url, kwargs={"autocommit": True}, open=False) as pool:
-        writer = OrderWriter(pool, timeout=30)
+        writer = OrderWriter(pool, timeout=30, deadline=30)
         try:
             return await asyncio.gather(
                 *(writer.create(params) for params in batch), return_exceptions=True
@@ -92,7 +92,7 @@ def test_an_order_on_an_idle_writer_is_written_at_once_alone(
 def test_a_batch_past_its_time_is_answered_as_unavailable(orders_url: str) -> None:
     async def run() -> BaseException | None:
         async with AsyncConnectionPool(orders_url, kwargs={"autocommit": True}) as pool:
-            writer = OrderWriter(pool, timeout=0)  # no time at all: every batch runs out
+            writer = OrderWriter(pool, timeout=0, deadline=30)  # every batch runs out of time
             try:
                 await writer.create(order_params())
             except psycopg.OperationalError as exc:  # what the service answers 503 for
@@ -101,7 +101,50 @@ def test_a_batch_past_its_time_is_answered_as_unavailable(orders_url: str) -> No
                 await writer.close()
         return None
 
-    assert "took over 0 s" in str(asyncio.run(run()))
+    assert "took over 0.0 s" in str(asyncio.run(run()))
+
+
+def test_orders_not_written_by_their_deadline_never_are_and_the_writer_goes_on(
+    orders_url: str, orders_db: psycopg.Connection[Any]
+) -> None:
+    # The gateway answers 503 ("retry") once its timeout runs out. An order written after that
+    # (it waited behind a stalled insert, or its insert outlived it) would be paid twice by a
+    # client that does retry. A lock on the orders table stalls every insert for 2.5 s here;
+    # each order may take 1 s.
+    async def run() -> tuple[list[Any], Any]:
+        async with AsyncConnectionPool(orders_url, kwargs={"autocommit": True}) as pool:
+            writer = OrderWriter(pool, timeout=30, deadline=1.0)
+            locked = asyncio.Event()
+
+            async def stall(seconds: float) -> None:
+                async with await psycopg.AsyncConnection.connect(orders_url) as locker:
+                    await locker.execute("LOCK TABLE orders IN EXCLUSIVE MODE")
+                    locked.set()
+                    await asyncio.sleep(seconds)
+
+            try:
+                stalling = asyncio.create_task(stall(2.5))
+                await locked.wait()
+                first = asyncio.create_task(writer.create(stalled[0]))
+                await asyncio.sleep(0.2)  # in flight, behind the lock
+                queued = [asyncio.create_task(writer.create(p)) for p in stalled[1:]]
+                results = await asyncio.gather(first, *queued, return_exceptions=True)
+                await stalling
+                await asyncio.sleep(0.5)  # what was cancelled must not commit after all
+                return results, await writer.create(after)
+            finally:
+                await writer.close()
+
+    stalled = [order_params() for _ in range(4)]
+    after = order_params()
+
+    results, row = asyncio.run(run())
+
+    assert all(isinstance(r, psycopg.OperationalError) for r in results), results  # 503s
+    ids = [p["id"] for p in stalled]
+    written = orders_db.execute("SELECT count(*) FROM orders WHERE id = ANY(%s)", [ids])
+    assert written.fetchone() == (0,)
+    assert row[0] == after["id"]
 
 
 def test_a_failure_outside_the_insert_fails_its_callers_and_the_writer_goes_on(
@@ -109,7 +152,7 @@ def test_a_failure_outside_the_insert_fails_its_callers_and_the_writer_goes_on(
 ) -> None:
     async def run() -> tuple[BaseException | None, Any]:
         async with AsyncConnectionPool(orders_url, kwargs={"autocommit": True}) as pool:
-            writer = OrderWriter(pool, timeout=30)
+            writer = OrderWriter(pool, timeout=30, deadline=30)
             write = writer._write
             calls = [0]
 
