@@ -45,8 +45,31 @@ def connection_kwargs(
         **dead_peer_kwargs(config.db_dead_peer_timeout),
     }
     if statement_timeout:
-        kwargs["options"] = f"-c statement_timeout={int(config.db_statement_timeout * 1000)}"
+        kwargs["options"] = " ".join(
+            f"-c {name}={value}" for name, value in server_session_settings(config).items()
+        )
     return kwargs
+
+
+def server_session_settings(config: Config) -> dict[str, int]:
+    """The server's side of a session's bounds: its statements', and how long the server keeps
+    a session whose client stopped. A relay or consumer transaction holds an advisory lock that
+    every other relay or applier of its database waits for; a client that froze holding it, or
+    whose host vanished, kept it for hours (Postgres' default keepalive starts after two idle
+    hours, and an idle transaction is never ended). So the server ends a transaction left idle
+    for three times the longest wait inside one (the relay waits up to KAFKA_TIMEOUT for
+    Kafka's acknowledgement with its transaction open), and probes a silent client as the
+    client probes the server (`dead_peer_kwargs`)."""
+    peer = dead_peer_kwargs(config.db_dead_peer_timeout)
+    longest_wait = max(config.kafka_timeout, config.db_statement_timeout)
+    return {
+        "statement_timeout": int(config.db_statement_timeout * 1000),
+        "idle_in_transaction_session_timeout": int(longest_wait * 3 * 1000),
+        "tcp_keepalives_idle": peer["keepalives_idle"],
+        "tcp_keepalives_interval": peer["keepalives_interval"],
+        "tcp_keepalives_count": peer["keepalives_count"],
+        "tcp_user_timeout": peer["tcp_user_timeout"],
+    }
 
 
 # Keepalive probes a silent peer gets before the connection is given up.

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 from typing import Any
 
 import psycopg
@@ -145,3 +146,30 @@ def test_migrations_connect_with_the_timeouts_but_no_statement_bound() -> None:
     assert "options" not in kwargs  # a migration may take its time
     assert kwargs["connect_timeout"] == 5
     assert kwargs["tcp_user_timeout"] == 10_000
+
+
+def test_the_server_ends_a_session_left_idle_in_a_transaction_and_frees_its_lock(
+    orders_url: str,
+) -> None:
+    # A relay or consumer that froze inside its transaction (or whose host vanished) held the
+    # advisory lock every other relay or applier of the database waits for, for hours.
+    config = Config(orders_database_url=orders_url, kafka_timeout=0.1, db_statement_timeout=0.1)
+    with db.connect(config, "orders", NAME) as frozen, psycopg.connect(orders_url) as other:
+        settings = dict(
+            frozen.execute(
+                "SELECT name, setting FROM pg_settings WHERE name = ANY(%s)",
+                [list(db.server_session_settings(config))],
+            ).fetchall()
+        )
+        assert {k: int(v) for k, v in settings.items()} == db.server_session_settings(config)
+        frozen.execute("BEGIN")
+        frozen.execute("SELECT pg_advisory_xact_lock(hashtext('outbox_relay'))")
+        assert other.execute(
+            "SELECT pg_try_advisory_lock(hashtext('outbox_relay'))"
+        ).fetchone() == (False,)
+        time.sleep(1.0)  # over three times the longest wait (0.3 s): the server ends it
+        assert other.execute(
+            "SELECT pg_try_advisory_lock(hashtext('outbox_relay'))"
+        ).fetchone() == (True,)
+        with pytest.raises(psycopg.errors.IdleInTransactionSessionTimeout):
+            frozen.execute("SELECT 1")  # what its client meets when it wakes up
