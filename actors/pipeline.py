@@ -419,10 +419,28 @@ class Purged:
     inbox: int
 
 
-def purge(pool: ConnectionPool, config: Config) -> Purged:
-    """Delete published outbox rows and processed inbox rows older than the retention window."""
-    params = {"retention_seconds": config.retention_hours * 3600}
-    with pool.connection() as conn, conn.transaction():
-        outbox_rows = conn.execute(outbox.PURGE, params).rowcount
-        inbox_rows = conn.execute(inbox.PURGE, params).rowcount
-    return Purged(outbox=outbox_rows, inbox=inbox_rows)
+# Rows deleted per purge statement, and seconds one purge may go on (a sweep also relays and
+# applies; what is left waits for the next purge).
+PURGE_BATCH: Final = 10_000
+PURGE_SECONDS: Final = 30.0
+
+
+def purge(
+    pool: ConnectionPool,
+    config: Config,
+    batch: int = PURGE_BATCH,
+    clock: Callable[[], float] = time.monotonic,
+) -> Purged:
+    """Delete published outbox rows and processed inbox rows older than the retention window,
+    `batch` rows per transaction, for at most `PURGE_SECONDS`."""
+    params = {"retention_seconds": config.retention_hours * 3600, "limit": batch}
+    deadline = clock() + PURGE_SECONDS
+    purged = {outbox.PURGE: 0, inbox.PURGE: 0}
+    for statement in purged:
+        while clock() < deadline:
+            with pool.connection() as conn, conn.transaction():
+                deleted = conn.execute(statement, params).rowcount
+            purged[statement] += deleted
+            if deleted < batch:
+                break
+    return Purged(outbox=purged[outbox.PURGE], inbox=purged[inbox.PURGE])

@@ -82,9 +82,13 @@ SELECT event_id, topic, key, payload, %(reason)s, attempts FROM moved
 ON CONFLICT (event_id) DO NOTHING
 """
 
+# As outbox.PURGE: at most `limit` rows, oldest first.
 PURGE: Final = """
-DELETE FROM inbox
-WHERE processed_at < now() - make_interval(secs => %(retention_seconds)s)
+DELETE FROM inbox WHERE event_id IN (
+    SELECT event_id FROM inbox
+    WHERE processed_at < now() - make_interval(secs => %(retention_seconds)s)
+    ORDER BY processed_at LIMIT %(limit)s
+)
 """
 
 BACKLOG: Final = """

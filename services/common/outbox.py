@@ -27,9 +27,14 @@ FOR UPDATE SKIP LOCKED
 
 MARK_PUBLISHED: Final = "UPDATE outbox SET published_at = clock_timestamp() WHERE id = ANY(%(ids)b)"
 
+# At most `limit` rows, oldest first: a backlog is purged batch by batch, each committed, where
+# one statement for all of it could outlast the statement timeout every time and never finish.
 PURGE: Final = """
-DELETE FROM outbox
-WHERE published_at < now() - make_interval(secs => %(retention_seconds)s)
+DELETE FROM outbox WHERE id IN (
+    SELECT id FROM outbox
+    WHERE published_at < now() - make_interval(secs => %(retention_seconds)s)
+    ORDER BY published_at LIMIT %(limit)s
+)
 """
 
 BACKLOG: Final = """
