@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import dramatiq
-from confluent_kafka import Producer
+from confluent_kafka import KafkaError, Producer
 from dramatiq.middleware import Middleware
 from psycopg_pool import ConnectionPool
 
@@ -47,6 +47,7 @@ class Resources:
         self._lock = threading.Lock()
         self._pool: ConnectionPool | None = None
         self._producer: Producer | None = None
+        self._producer_failed = False
         self._handler: ApplyHandler | None = None
         self.watch = pipeline.CommitWatch(
             lambda: db.connect(config, service, f"{service}-relay-watch")
@@ -65,9 +66,27 @@ class Resources:
             if not self._topics_ready:
                 kafka.ensure_topics(config)
                 self._topics_ready = True
+            if self._producer_failed and self._producer is not None:
+                log.error(
+                    "%s relay: the Kafka producer failed for good; making a new one", self.service
+                )
+                self._producer.purge()  # what it still holds is re-sent from the outbox
+                self._producer = None
             if self._producer is None:
-                self._producer = Producer(kafka.producer_settings(config, f"{self.service}-relay"))
+                settings = kafka.producer_settings(config, f"{self.service}-relay")
+                self._producer = Producer(settings | {"error_cb": self.producer_error})
+                self._producer_failed = False
             return self._producer
+
+    def producer_error(self, error: KafkaError) -> None:
+        """librdkafka's error callback. A fatal error (the idempotent producer's sequence broken,
+        as after a broker lost acknowledged data) fails every later produce of that producer:
+        the next relay run gets a new one. The rest (a broker down, a timeout) it retries."""
+        if error.fatal():
+            log.error("%s relay: fatal Kafka producer error: %s", self.service, error.str())
+            self._producer_failed = True
+        else:
+            log.warning("%s relay: Kafka producer error: %s", self.service, error.str())
 
     def handler(self) -> ApplyHandler:
         with self._lock:

@@ -137,6 +137,24 @@ def test_a_process_purges_at_most_once_per_interval(monkeypatch: pytest.MonkeyPa
     assert resources.purge_due(60) is False
 
 
+def test_a_relay_gets_a_new_kafka_producer_after_a_fatal_error() -> None:
+    from confluent_kafka import KafkaError
+
+    from actors import broker
+
+    resources = broker.Resources("orders", lambda config: lambda conn, pending: None)
+    resources._topics_ready = True  # no Kafka here: a producer connects only when it sends
+    first = resources.producer()
+    resources.producer_error(KafkaError(KafkaError._TRANSPORT, "broker down"))
+    assert resources.producer() is first  # it retries that itself
+    # After a fatal error every produce of that producer fails: the relay failed until the
+    # worker was restarted by hand.
+    resources.producer_error(KafkaError(KafkaError._FATAL, "out of sequence", fatal=True))
+    second = resources.producer()
+    assert second is not first
+    assert resources.producer() is second
+
+
 def test_a_pacer_spaces_batches_by_its_interval_only_once_they_come_full() -> None:
     now = [100.0]
     pacer = Pacer(0.02, min_batch=3, clock=lambda: now[0])
