@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 from uuid import UUID
 
 import swagger_ui_bundle
@@ -134,13 +135,19 @@ PROBLEM_SCHEMA: Schema = {
 }
 
 
+_QUERY_INTEGER: Final = re.compile(r"-?[0-9]+")
+
+
 def _convert_query(name: str, schema: Schema, text: str) -> Any | FieldError:
     """Query strings arrive as text; integers and UUIDs are converted before validation."""
     kind = schema.get("type")
     if kind == "integer":
+        # ASCII digits only: int() also takes "1_0", "+5", " 1" and other scripts' digits.
+        if not _QUERY_INTEGER.fullmatch(text):
+            return FieldError(name, "must be of type integer")
         try:
             return int(text)
-        except ValueError:
+        except ValueError:  # more digits than Python converts: far beyond any bound
             return FieldError(name, "must be of type integer")
     if schema.get("format") == "uuid":
         return validation.parse_uuid(name, text)

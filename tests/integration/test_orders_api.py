@@ -375,6 +375,11 @@ def test_filters_by_user_and_by_status(
         ({"limit": "-1"}, "limit"),
         ({"limit": "ten"}, "limit"),
         ({"limit": "1.5"}, "limit"),
+        ({"limit": "1_0"}, "limit"),  # int() reads these four as numbers
+        ({"limit": "+5"}, "limit"),
+        ({"limit": " 1"}, "limit"),
+        ({"limit": "\u0661"}, "limit"),  # ARABIC-INDIC DIGIT ONE
+        ({"limit": "9" * 5000}, "limit"),
         ({"status": "success"}, "status"),
         ({"status": "NEW"}, "status"),
         ({"user_id": "nope"}, "user_id"),
