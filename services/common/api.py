@@ -33,7 +33,13 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.responses import (
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+)
 from starlette.routing import Match, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -447,7 +453,9 @@ def build_app(
         Route("/metrics", metrics, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
         Route("/swagger/index.html", swagger_index, methods=["GET"]),
-        Route("/swagger", swagger_index, methods=["GET"]),
+        # The page's assets are relative to /swagger/: served at /swagger, it found none.
+        Route("/swagger", lambda _: RedirectResponse("swagger/index.html"), methods=["GET"]),
+        Route("/swagger/", lambda _: RedirectResponse("index.html"), methods=["GET"]),
         Mount("/swagger", app=StaticFiles(directory=SWAGGER_ASSETS), name="swagger"),
     ]
     handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {

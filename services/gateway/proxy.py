@@ -44,6 +44,8 @@ RETRYABLE_STATUSES = frozenset({502, 503, 504})
 # What a client of the gateway needs from the service's answer besides status and body.
 PASSED_BACK_HEADERS = ("content-type", "location", "link", "x-next-cursor", "retry-after")
 _PASSED_BACK_RAW = frozenset(name.encode("latin-1") for name in PASSED_BACK_HEADERS)
+# The answer to a HEAD has no body; its Content-Length is the one a GET's body would have.
+_PASSED_BACK_FOR_HEAD = _PASSED_BACK_RAW | {b"content-length"}
 CONNECT_TIMEOUT = 1.0
 HEALTH_TIMEOUT = 1.0
 # Per service. Past it (GATEWAY_MAX_IN_FLIGHT is higher) a request waits for a free connection,
@@ -68,6 +70,7 @@ class Answer:
     status: int
     body: bytes
     headers: Sequence[tuple[bytes, bytes]] = ()
+    head: bool = False  # the answer to a HEAD: its headers hold the service's Content-Length
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,13 +166,17 @@ def downstream_headers(call: Call) -> bytes:
 def passed_back(answer: Answer) -> Response:
     """The service's answer as the gateway's: same status, body and meaningful headers."""
     response = Response(answer.body, status_code=answer.status)
+    if answer.head:  # not the length of the empty body it came with
+        response.raw_headers = [h for h in response.raw_headers if h[0] != b"content-length"]
     response.raw_headers.extend(answer.headers)
     return response
 
 
-def _passed_back_headers(raw: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+def _passed_back_headers(
+    raw: Sequence[tuple[bytes, bytes]], names: frozenset[bytes] = _PASSED_BACK_RAW
+) -> list[tuple[bytes, bytes]]:
     """The headers in `PASSED_BACK_HEADERS`, every value of a repeated one, octets unchanged."""
-    return [(name.lower(), value) for name, value in raw if name.lower() in _PASSED_BACK_RAW]
+    return [(name.lower(), value) for name, value in raw if name.lower() in names]
 
 
 class Proxy:
@@ -322,6 +329,9 @@ class Proxy:
             self._attempts.labels(service, type(exc).__name__).inc()
             raise
         self._attempts.labels(service, str(response.status)).inc()
+        if upstream.method == "HEAD":
+            headers = _passed_back_headers(response.headers, _PASSED_BACK_FOR_HEAD)
+            return Answer(response.status, response.body, headers, head=True)
         return Answer(response.status, response.body, _passed_back_headers(response.headers))
 
     def health_check(self, base_url: str) -> ReadinessCheck:

@@ -533,6 +533,29 @@ def test_the_spec_and_swagger_ui_document_every_canonical_route_and_alias(
     assert "swagger-ui" in swagger.text
 
 
+@pytest.mark.parametrize("path", ["/swagger", "/swagger/"])
+def test_swagger_ui_without_index_html_leads_to_the_page_whose_assets_load(
+    gateway: TestClient, path: str
+) -> None:
+    # Served at /swagger itself, the page's relative assets resolved to /swagger-ui.css: 404.
+    page = gateway.get(path)
+    assert page.url.path == "/swagger/index.html" and page.status_code == 200
+    for asset in ("swagger-ui.css", "swagger-ui-bundle.js"):
+        assert asset in page.text
+        assert gateway.get(str(page.url.join(asset))).status_code == 200
+
+
+def test_head_through_the_gateway_gives_the_length_a_get_would(gateway: TestClient) -> None:
+    user = open_account(gateway)["user_id"]
+    order = create_order(gateway, user)
+    for path in (f"/order/{order['id']}", f"/orders/{order['id']}/status"):
+        got = gateway.get(path)
+        head = gateway.head(path)
+        assert head.status_code == 200 and head.content == b""
+        assert head.headers["content-length"] == str(len(got.content))
+        assert head.headers["content-type"] == got.headers["content-type"]
+
+
 def test_metrics_count_proxied_requests(gateway: TestClient) -> None:
     gateway.get("/orders")
 
