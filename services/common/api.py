@@ -73,11 +73,31 @@ REQUEST_ID_HEADER = "X-Request-ID"
 
 @dataclass(frozen=True)
 class Reply:
-    """One documented response of an endpoint."""
+    """One documented response of an endpoint; `headers`: (name, description, required) of the
+    headers it carries (every 503 also carries `Retry-After`, declared for all of them)."""
 
     description: str
     schema: Schema | None = None
     example: Any = None
+    headers: tuple[tuple[str, str, bool], ...] = ()
+
+
+RETRY_AFTER: Final = ("Retry-After", "Seconds to wait before trying again.", True)
+
+
+def _declared_headers(status: int, reply: Reply) -> dict[str, Any]:
+    """The OpenAPI `headers` of a response."""
+    headers = list(reply.headers)
+    if status == 503 and RETRY_AFTER not in headers:
+        headers.append(RETRY_AFTER)
+    return {
+        name: {
+            "description": description,
+            "required": required,
+            "schema": {"type": "integer" if name == RETRY_AFTER[0] else "string"},
+        }
+        for name, description, required in headers
+    }
 
 
 @dataclass(frozen=True)
@@ -260,6 +280,8 @@ def openapi_spec(title: str, description: str, endpoints: Sequence[Endpoint]) ->
                 if reply.example is not None:
                     content[media]["example"] = reply.example
             responses[str(status)] = {"description": reply.description, "content": content}
+            if headers := _declared_headers(status, reply):
+                responses[str(status)]["headers"] = headers
         operation: dict[str, Any] = {
             "operationId": ep.operation_id,
             "summary": ep.summary,

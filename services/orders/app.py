@@ -230,6 +230,7 @@ _CREATED: Final = Reply(
     "The order, status new; `Location` names it. Its payment is requested asynchronously.",
     ORDER_SCHEMA,
     _EXAMPLE_ORDER,
+    headers=(("Location", "The order's URL: `/order/{id}`.", True),),
 )
 _MALFORMED: Final = Reply("The body is not valid JSON.")
 _TOO_LARGE: Final = Reply("The body is over 64 KiB.")
@@ -292,6 +293,10 @@ ENDPOINTS: Final[list[Endpoint]] = [
                 'cursor and `Link` its URL (rel="next").',
                 {"type": "array", "items": ORDER_SCHEMA},
                 [_EXAMPLE_ORDER],
+                headers=(
+                    ("X-Next-Cursor", "The next page's `cursor`, when one may exist.", False),
+                    ("Link", 'The next page\'s URL, rel="next", when one may exist.', False),
+                ),
             ),
             422: _INVALID,
             503: _UNAVAILABLE,

@@ -529,6 +529,20 @@ def test_the_spec_and_swagger_ui_document_every_canonical_route_and_alias(
     assert spec.json()["info"]["title"] == TITLE
     assert spec.json()["openapi"].startswith("3.1")
     assert spec.json()["paths"].keys() >= CANONICAL_PATHS | ALIAS_PATHS
+    # The headers clients rely on are declared, not only described.
+    paths = spec.json()["paths"]
+    assert "Location" in paths["/orders/create"]["post"]["responses"]["201"]["headers"]
+    assert paths["/orders"]["get"]["responses"]["200"]["headers"].keys() == {
+        "X-Next-Cursor",
+        "Link",
+    }
+    unavailable = [
+        answers["503"]
+        for operations in paths.values()
+        for operation in operations.values()
+        if "503" in (answers := operation["responses"])
+    ]
+    assert unavailable and all("Retry-After" in a["headers"] for a in unavailable)
     assert swagger.status_code == 200
     assert "swagger-ui" in swagger.text
 
