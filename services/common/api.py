@@ -414,12 +414,18 @@ def build_app(
                 results[name] = "ok"
             except Exception as exc:
                 results[name] = f"unavailable: {type(exc).__name__}: {exc}"[:300]
-        healthy = all(v == "ok" for v in results.values())
-        return JSONResponse(
-            {"status": "ready" if healthy else "unavailable", "checks": results},
-            status_code=200 if healthy else 503,
-            headers={} if healthy else {"Retry-After": "1"},
-        )
+        down = sorted(name for name, result in results.items() if result != "ok")
+        if not down:
+            return JSONResponse({"status": "ready", "checks": results})
+        # An error answer like every other: problem+json, the checks as an extension member.
+        return problems.Problem(
+            503,
+            "Not ready",
+            f"Unavailable: {', '.join(down)}.",
+            "unavailable",
+            headers={"Retry-After": "1"},
+            extra={"checks": results},
+        ).response()
 
     async def metrics(_: Request) -> Response:
         if refresh_metrics is not None:

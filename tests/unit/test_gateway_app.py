@@ -84,6 +84,8 @@ def test_not_ready_while_a_service_is_unreachable() -> None:
 
     assert ready.status_code == 503
     assert ready.headers["retry-after"] == "1"
+    assert ready.headers["content-type"] == "application/problem+json"  # like every error
+    assert ready.json()["detail"] == "Unavailable: payments."
     checks = ready.json()["checks"]
     assert checks["orders"] == "ok"
     assert checks["payments"].startswith("unavailable: ConnectFailed")
