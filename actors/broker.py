@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import dramatiq
-from confluent_kafka import KafkaError, Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
 from dramatiq.middleware import Middleware
 from psycopg_pool import ConnectionPool
 
@@ -47,7 +47,6 @@ class Resources:
         self._lock = threading.Lock()
         self._pool: ConnectionPool | None = None
         self._producer: Producer | None = None
-        self._producer_failed = False
         self._handler: ApplyHandler | None = None
         self.watch = pipeline.CommitWatch(
             lambda: db.connect(config, service, f"{service}-relay-watch")
@@ -66,27 +65,32 @@ class Resources:
             if not self._topics_ready:
                 kafka.ensure_topics(config)
                 self._topics_ready = True
-            if self._producer_failed and self._producer is not None:
-                log.error(
-                    "%s relay: the Kafka producer failed for good; making a new one", self.service
-                )
-                self._producer.purge()  # what it still holds is re-sent from the outbox
-                self._producer = None
             if self._producer is None:
-                settings = kafka.producer_settings(config, f"{self.service}-relay")
-                self._producer = Producer(settings | {"error_cb": self.producer_error})
-                self._producer_failed = False
+                self._producer = Producer(kafka.producer_settings(config, f"{self.service}-relay"))
             return self._producer
 
-    def producer_error(self, error: KafkaError) -> None:
-        """librdkafka's error callback. A fatal error (the idempotent producer's sequence broken,
-        as after a broker lost acknowledged data) fails every later produce of that producer:
-        the next relay run gets a new one. The rest (a broker down, a timeout) it retries."""
-        if error.fatal():
-            log.error("%s relay: fatal Kafka producer error: %s", self.service, error.str())
-            self._producer_failed = True
-        else:
-            log.warning("%s relay: Kafka producer error: %s", self.service, error.str())
+    def relay(self) -> int:
+        """Publish what the outbox holds (`pipeline.relay_outbox`) with this process's producer.
+
+        A fatal error (the idempotent producer's sequence broken, as after a broker lost
+        acknowledged data; confluent-kafka raises it from `flush`, it never reaches an error
+        callback) fails every later produce of that producer: it is dropped, and the next run
+        gets a new one. What it held is re-sent from the outbox."""
+        producer = self.producer()
+        try:
+            return pipeline.relay_outbox(self.pool(), producer, config)
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args else None
+            if isinstance(error, KafkaError) and error.fatal():
+                log.error(
+                    "%s relay: fatal Kafka producer error, a new producer: %s",
+                    self.service,
+                    error.str(),
+                )
+                with self._lock:
+                    if self._producer is producer:  # not a new one made meanwhile
+                        self._producer = None
+            raise
 
     def handler(self) -> ApplyHandler:
         with self._lock:
@@ -206,7 +210,7 @@ def declare(service: str, make_handler: Callable[[Config], ApplyHandler]) -> Ser
 
     # Actors return nothing: Dramatiq warns about every returned value without a result backend.
     relay = pipeline.LingeringRelay(
-        lambda: pipeline.relay_outbox(resources.pool(), resources.producer(), config),
+        resources.relay,
         hold=lambda: broker.client.set(relay_flag, LINGERING_FLAG, px=WAKE_FLAG_MS),
         release=lambda: broker.client.delete(relay_flag),
         interval=config.batch_interval,
@@ -223,7 +227,7 @@ def declare(service: str, make_handler: Callable[[Config], ApplyHandler]) -> Ser
         pipeline.apply_inbox(resources.pool(), resources.handler(), config)
 
     def sweep() -> None:
-        relayed = pipeline.relay_outbox(resources.pool(), resources.producer(), config)
+        relayed = resources.relay()
         applied = pipeline.apply_inbox(resources.pool(), resources.handler(), config)
         purged = pipeline.Purged(outbox=0, inbox=0)
         if resources.purge_due(config.purge_interval):

@@ -137,22 +137,34 @@ def test_a_process_purges_at_most_once_per_interval(monkeypatch: pytest.MonkeyPa
     assert resources.purge_due(60) is False
 
 
-def test_a_relay_gets_a_new_kafka_producer_after_a_fatal_error() -> None:
-    from confluent_kafka import KafkaError
+def test_a_relay_gets_a_new_kafka_producer_after_a_fatal_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from confluent_kafka import KafkaError, KafkaException
 
-    from actors import broker
+    from actors import broker, pipeline
 
     resources = broker.Resources("orders", lambda config: lambda conn, pending: None)
-    resources._topics_ready = True  # no Kafka here: a producer connects only when it sends
-    first = resources.producer()
-    resources.producer_error(KafkaError(KafkaError._TRANSPORT, "broker down"))
-    assert resources.producer() is first  # it retries that itself
-    # After a fatal error every produce of that producer fails: the relay failed until the
-    # worker was restarted by hand.
-    resources.producer_error(KafkaError(KafkaError._FATAL, "out of sequence", fatal=True))
-    second = resources.producer()
-    assert second is not first
-    assert resources.producer() is second
+    failing = object()
+    resources._producer = failing  # type: ignore[assignment]
+    monkeypatch.setattr(resources, "_topics_ready", True)
+    monkeypatch.setattr(resources, "pool", lambda: None)
+    raised = [KafkaException(KafkaError(KafkaError._TRANSPORT, "broker down"))]
+
+    def relay_outbox(pool: object, producer: object, config: object) -> int:
+        assert producer is failing
+        raise raised[0]  # as the producer's flush raises it
+
+    monkeypatch.setattr(pipeline, "relay_outbox", relay_outbox)
+    with pytest.raises(KafkaException):
+        resources.relay()
+    assert resources._producer is failing  # a producer retries that itself
+    # After a fatal error every produce of that producer fails: the relay failed at every run
+    # until the worker was restarted by hand.
+    raised[0] = KafkaException(KafkaError(KafkaError._FATAL, "out of sequence", fatal=True))
+    with pytest.raises(KafkaException):
+        resources.relay()
+    assert resources._producer is None  # the next run makes a new one
 
 
 def test_a_pacer_spaces_batches_by_its_interval_only_once_they_come_full() -> None:
