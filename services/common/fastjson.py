@@ -43,14 +43,6 @@ class NumberTooLong(ValueError):
     """An integer with more digits than Python converts to an `int`."""
 
 
-def _int(digits: str) -> int:
-    try:
-        return int(digits)
-    except ValueError:
-        limit = sys.get_int_max_str_digits()
-        raise NumberTooLong(f"an integer of more than {limit} digits") from None
-
-
 def loads(raw: bytes | str) -> Any:
     """`json.loads(raw)`. Text (`str`) goes to the standard library: the hot paths read bytes."""
     if isinstance(raw, bytes) and _LONG_DIGITS not in raw.translate(_DIGITS_AS_ONES):
@@ -58,10 +50,23 @@ def loads(raw: bytes | str) -> Any:
             return orjson.loads(raw)
         except orjson.JSONDecodeError:
             pass
+    too_long = False
+
+    def integer(digits: str) -> int | None:
+        nonlocal too_long
+        try:
+            return int(digits)
+        except ValueError:  # more digits than Python converts: said once the syntax is known
+            too_long = True
+            return None
+
     try:
-        return json.loads(raw, parse_int=_int)
+        value = json.loads(raw, parse_int=integer)
     except RecursionError:
         raise TooDeep("arrays or objects are nested too deeply") from None
+    if too_long:
+        raise NumberTooLong(f"an integer of more than {sys.get_int_max_str_digits()} digits")
+    return value
 
 
 def dumps(value: Any, default: Callable[[Any], Any] | None = None) -> bytes:

@@ -107,6 +107,8 @@ def test_loads_edges(raw: bytes) -> None:
         (b'{"a": ' * 5000 + b"1" + b"}" * 5000, fastjson.TooDeep),
         (b"9" * 4301, fastjson.NumberTooLong),  # json: a plain ValueError
         (b'{"amount": -' + b"9" * 5000 + b"}", fastjson.NumberTooLong),
+        # Bad syntax after a long number is bad syntax (400), not a number too long (422).
+        (b'{"amount": ' + b"9" * 5000 + b', "user_id": ', json.JSONDecodeError),
     ],
 )
 def test_loads_refuses_what_python_cannot_hold_with_a_value_error_of_its_own(
