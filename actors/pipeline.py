@@ -432,11 +432,12 @@ def purge(
     clock: Callable[[], float] = time.monotonic,
 ) -> Purged:
     """Delete published outbox rows and processed inbox rows older than the retention window,
-    `batch` rows per transaction, for at most `PURGE_SECONDS`."""
+    `batch` rows per transaction, for at most `PURGE_SECONDS`, half of it per table (so that a
+    backlog in one cannot starve the other)."""
     params = {"retention_seconds": config.retention_hours * 3600, "limit": batch}
-    deadline = clock() + PURGE_SECONDS
     purged = {outbox.PURGE: 0, inbox.PURGE: 0}
     for statement in purged:
+        deadline = clock() + PURGE_SECONDS / len(purged)
         while clock() < deadline:
             with pool.connection() as conn, conn.transaction():
                 deleted = conn.execute(statement, params).rowcount

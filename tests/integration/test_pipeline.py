@@ -511,6 +511,27 @@ def test_a_purge_backlog_goes_batch_by_batch_until_none_is_left(
     assert orders_db.execute("SELECT count(*) FROM inbox").fetchone() == (0,)
 
 
+def test_a_purge_stops_at_its_time_and_each_table_gets_its_share(
+    config: Config, orders_db: psycopg.Connection[Any]
+) -> None:
+    add_outbox_rows(orders_db, config, [f"k{n}" for n in range(25)])
+    orders_db.execute("UPDATE outbox SET published_at = now() - interval '2 days'")
+    inbox.record(orders_db, [inbox.Received(uuid.uuid4(), "t", "k", 0, n, b"{}") for n in range(7)])
+    orders_db.execute("UPDATE inbox SET processed_at = now() - interval '2 days'")
+    now = [0.0]
+
+    def clock() -> float:  # 10 s pass between two looks: one batch fits in a table's 15 s
+        now[0] += 10
+        return now[0]
+
+    pool = db.sync_pool(config, "orders", "test-purge", size=1)
+    try:
+        purged = pipeline.purge(pool, config, batch=10, clock=clock)
+    finally:
+        pool.close()
+    assert purged == pipeline.Purged(outbox=10, inbox=7)  # the rest waits for the next purge
+
+
 @pytest.mark.parametrize("service", ["orders", "payments"])
 def test_analyze_of_the_pipeline_tables_skips_payloads_and_samples_little(
     config: Config, service: str, request: pytest.FixtureRequest
