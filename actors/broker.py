@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import dramatiq
+import redis
 from confluent_kafka import KafkaError, KafkaException, Producer
 from dramatiq.middleware import Middleware
 from psycopg_pool import ConnectionPool
@@ -27,11 +28,16 @@ from services.common.inbox import ApplyHandler
 log = logging.getLogger(__name__)
 
 config = load()
+# The client is made here: given a URL, RedisBroker builds its own connection pool from it and
+# drops the other settings, timeouts included, so a Redis gone silent blocked a call for good.
+# A worker's idle wait (BLPOP on its doorbell) blocks for its worker timeout (1 s), well within.
 broker = DoorbellRedisBroker(  # type: ignore[no-untyped-call]
-    url=config.redis_url,
-    socket_timeout=config.kafka_timeout,
-    socket_connect_timeout=config.db_connect_timeout,
-    health_check_interval=10,
+    client=redis.Redis.from_url(
+        config.redis_url,
+        socket_timeout=config.kafka_timeout,
+        socket_connect_timeout=config.db_connect_timeout,
+        health_check_interval=10,
+    )
 )
 dramatiq.set_broker(broker)
 

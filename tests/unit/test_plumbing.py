@@ -137,6 +137,15 @@ def test_a_process_purges_at_most_once_per_interval(monkeypatch: pytest.MonkeyPa
     assert resources.purge_due(60) is False
 
 
+def test_the_broker_s_redis_calls_are_bounded_by_the_configured_timeouts() -> None:
+    # Given a URL, RedisBroker made its own pool and dropped these: a silent Redis hung a call.
+    from actors import broker
+
+    settings = broker.broker.client.connection_pool.connection_kwargs
+    assert settings["socket_timeout"] == broker.config.kafka_timeout
+    assert settings["socket_connect_timeout"] == broker.config.db_connect_timeout
+
+
 def test_a_relay_gets_a_new_kafka_producer_after_a_fatal_error(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
