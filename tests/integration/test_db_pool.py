@@ -153,7 +153,7 @@ def test_the_server_ends_a_session_left_idle_in_a_transaction_and_frees_its_lock
 ) -> None:
     # A relay or consumer that froze inside its transaction (or whose host vanished) held the
     # advisory lock every other relay or applier of the database waits for, for hours.
-    config = Config(orders_database_url=orders_url, kafka_timeout=0.1, db_statement_timeout=0.1)
+    config = Config(orders_database_url=orders_url, kafka_timeout=0.5, db_statement_timeout=1.0)
     with db.connect(config, "orders", NAME) as frozen, psycopg.connect(orders_url) as other:
         settings = dict(
             frozen.execute(
@@ -167,7 +167,7 @@ def test_the_server_ends_a_session_left_idle_in_a_transaction_and_frees_its_lock
         assert other.execute(
             "SELECT pg_try_advisory_lock(hashtext('outbox_relay'))"
         ).fetchone() == (False,)
-        time.sleep(1.0)  # over three times the longest wait (0.3 s): the server ends it
+        time.sleep(3.5)  # over three times the longest wait (3 s): the server ends it
         assert other.execute(
             "SELECT pg_try_advisory_lock(hashtext('outbox_relay'))"
         ).fetchone() == (True,)
