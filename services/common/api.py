@@ -69,6 +69,8 @@ def configure_logging() -> None:
 
 MAX_BODY_BYTES = 64 * 1024
 REQUEST_ID_HEADER = "X-Request-ID"
+# Milliseconds the gateway still waits for this answer when it sent the request (writes only).
+BUDGET_HEADER = "X-Request-Budget-Ms"
 
 
 @dataclass(frozen=True)

@@ -244,17 +244,26 @@ class Client:
         headers: bytes = b"",
         body: bytes | None = None,
         timeout: float | None = None,
+        budget_header: bytes | None = None,
     ) -> Response:
         """Send one request and read its whole answer within `timeout` (the client's by
-        default). Raises `ConnectFailed`, `ConnectionLost` or `RequestTimeout`."""
+        default). Raises `ConnectFailed`, `ConnectionLost` or `RequestTimeout`.
+
+        With `budget_header`, the request carries that header with the milliseconds left of
+        `timeout` as it is sent (after any wait for a connection): the server can give up on
+        it in time rather than finish work its client no longer waits for."""
         loop = asyncio.get_running_loop()
-        request = self.request_bytes(method, target, headers, body)
-        deadline = asyncio.timeout_at(loop.time() + (self._timeout if timeout is None else timeout))
+        ends = loop.time() + (self._timeout if timeout is None else timeout)
+        request = b"" if budget_header else self.request_bytes(method, target, headers, body)
+        deadline = asyncio.timeout_at(ends)
         connection: _Connection | None = None
         written = answered = False
         try:
             async with deadline:
                 connection = await self._acquire(loop)
+                if budget_header:
+                    left = b"%s: %d\r\n" % (budget_header, max(0, (ends - loop.time()) * 1000))
+                    request = self.request_bytes(method, target, headers + left, body)
                 waiter = connection.exchange(request, head_only=method == "HEAD")
                 written = True
                 response = await waiter

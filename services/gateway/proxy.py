@@ -30,7 +30,7 @@ from tenacity import (
 )
 
 from services.common import fastjson, http1, problems
-from services.common.api import REQUEST_ID_HEADER, Call, Handler, ReadinessCheck
+from services.common.api import BUDGET_HEADER, REQUEST_ID_HEADER, Call, Handler, ReadinessCheck
 from services.common.config import Config
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ ATTEMPTS = 3
 # Seconds, at most, before the first retry (jittered; later ones back off exponentially).
 FIRST_RETRY_WAIT = 0.05
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+_BUDGET_HEADER: Final = BUDGET_HEADER.encode("ascii")
 # A proxy or a restarting service in between may answer these; another try may well succeed.
 RETRYABLE_STATUSES = frozenset({502, 503, 504})
 # What a client of the gateway needs from the service's answer besides status and body.
@@ -323,7 +324,12 @@ class Proxy:
         service = upstream.service
         try:
             response = await self.client(base).request(
-                upstream.method, upstream.target, upstream.headers, upstream.body
+                upstream.method,
+                upstream.target,
+                upstream.headers,
+                upstream.body,
+                # A write is given up on by the service once our time for it runs out.
+                budget_header=None if upstream.method in IDEMPOTENT_METHODS else _BUDGET_HEADER,
             )
         except TRANSPORT_ERRORS as exc:
             self._attempts.labels(service, type(exc).__name__).inc()

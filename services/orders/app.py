@@ -14,7 +14,7 @@ from starlette.applications import Starlette
 from starlette.responses import Response
 
 from services.common import outbox, problems
-from services.common.api import Call, Endpoint, Handler, Reply, respond
+from services.common.api import BUDGET_HEADER, Call, Endpoint, Handler, Reply, respond
 from services.common.config import Config, load
 from services.common.events import TOPIC_PAYMENT_REQUESTED, FailureReason
 from services.common.ids import uuid7
@@ -32,7 +32,7 @@ from services.orders.domain import (
     is_storable_text,
     payment_requested,
 )
-from services.orders.writer import OrderWriter
+from services.orders.writer import SHARE_OF_BUDGET, OrderWriter
 
 DEFAULT_PAGE_SIZE: Final = 100
 MAX_PAGE_SIZE: Final = 500
@@ -161,7 +161,9 @@ async def create_order(call: Call) -> Response:
     )
     params = {"id": order_id, "user_id": user_id, "amount": amount, "description": description}
     writer: OrderWriter = call.request.app.state.order_writer
-    order = _order(await writer.create(params | event_row))
+    budget = call.request.headers.get(BUDGET_HEADER, "")  # the gateway's time left, in ms
+    seconds = int(budget) / 1000 if budget.isascii() and budget.isdigit() else None
+    order = _order(await writer.create(params | event_row, seconds))
     return respond(order.to_json(), 201, headers={"Location": f"/order/{order.id}"})
 
 
@@ -323,18 +325,13 @@ ENDPOINTS: Final[list[Endpoint]] = [
 ]
 
 
-# The share of the gateway's timeout an order may take to be written; the rest is for the way
-# back (and a commit that was under way when its time ran out).
-WRITE_SHARE_OF_HTTP_TIMEOUT = 0.8
-
-
 @asynccontextmanager
 async def order_writer(app: Starlette, pool: AsyncConnectionPool) -> AsyncIterator[None]:
     """New orders are written through one `OrderWriter` (group commit) per process."""
     config: Config = app.state.config
     timeout = config.db_connect_timeout + config.db_statement_timeout
-    # The gateway answers 503 after HTTP_TIMEOUT: an order is written, or refused, well before.
-    deadline = config.http_timeout * WRITE_SHARE_OF_HTTP_TIMEOUT
+    # Without the gateway's word on its time left: the gateway's HTTP_TIMEOUT.
+    deadline = config.http_timeout * SHARE_OF_BUDGET
     writer = app.state.order_writer = OrderWriter(pool, timeout, deadline)
     try:
         yield

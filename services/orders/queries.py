@@ -45,6 +45,7 @@ def create_orders_params(group: Sequence[Mapping[str, Any]]) -> dict[str, list[A
 
 
 GET_ORDER: Final = f"SELECT {ORDER_COLUMNS} FROM orders WHERE id = %(id)s"
+GET_ORDERS: Final = f"SELECT {ORDER_COLUMNS} FROM orders WHERE id = ANY(%(ids)s)"
 
 # Each filter is a fixed fragment; `list_orders` picks the ones a request uses, so every
 # combination stays a plain indexed query instead of one `(%s IS NULL OR …)` catch-all.

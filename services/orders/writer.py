@@ -26,6 +26,16 @@ log = logging.getLogger(__name__)
 
 # Orders per transaction, at most.
 MAX_BATCH: Final = 100
+# An order is written within this share of the time its caller waits for the answer (what the
+# gateway says it has left, else HTTP_TIMEOUT); the rest is for the answer's way back, and for
+# finding out whether an insert that ran out of time committed after all.
+SHARE_OF_BUDGET: Final = 0.8
+# An order with less time left than this when its batch starts is refused unwritten: too little
+# for an insert under load, and it would cut short the time of every order of its batch.
+MIN_TIME_LEFT: Final = 0.25
+# Seconds to find out whether an insert that ran out of time committed after all.
+LOOKUP_TIMEOUT: Final = 1.0
+_LOOKUP_FAILURES: Final[tuple[type[BaseException], ...]] = (TimeoutError, *db.UNAVAILABLE)
 
 Row = tuple[Any, ...]
 
@@ -44,15 +54,16 @@ class OrderWriter:
     """Writes each caller's order with `queries.CREATE_ORDERS`, batching concurrent callers."""
 
     def __init__(self, pool: AsyncConnectionPool, timeout: float, deadline: float) -> None:
-        """`timeout`: seconds one batch may take (getting a connection included); past it its
-        callers are answered 503, whether or not the transaction went through (psycopg cancels
-        the statement, so it went through only if it was committing right then).
+        """`timeout`: seconds one batch may take at most (getting a connection included).
 
-        `deadline`: seconds from a caller's arrival by which its order is written or refused,
-        shorter than the gateway's own timeout. An order still queued then (behind a stalled
-        insert) is answered 503 and never written, and a batch may take only what is left of
-        its oldest caller's time: a client the gateway answered 503, "retry", must not find
-        that order written too and pay for it twice when it does."""
+        `deadline`: seconds from a caller's arrival by which its order is written or refused
+        when the caller did not say how long it waits (`create`'s `budget`). A client the
+        gateway answered 503, "retry", must not find that order written too and pay for it
+        twice when it does: an order with less than `MIN_TIME_LEFT` of its time left when its
+        batch starts (it waited behind a stalled insert) is answered 503 and never written, and
+        a batch may take only what is left of its oldest order's time. psycopg cancels an
+        insert that runs out of it; only one that was committing at that instant goes through,
+        and its orders are then looked up and answered 201 after all."""
         self._pool = pool
         self._timeout = timeout
         self._deadline = deadline
@@ -60,13 +71,17 @@ class OrderWriter:
         self._arrived = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    async def create(self, params: dict[str, Any]) -> Row:
-        """Insert one order (and its outbox row); return the order's row once it committed."""
+    async def create(self, params: dict[str, Any], budget: float | None = None) -> Row:
+        """Insert one order (and its outbox row); return the order's row once it committed.
+        `budget`: seconds the caller still waits for the answer, if it said."""
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run(), name="order-writer")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Row] = loop.create_future()
-        self._waiting.append(Waiting(params, future, loop.time() + self._deadline))
+        allowed = (
+            self._deadline if budget is None else min(self._deadline, budget * SHARE_OF_BUDGET)
+        )
+        self._waiting.append(Waiting(params, future, loop.time() + allowed))
         self._arrived.set()
         return await future
 
@@ -87,21 +102,6 @@ class OrderWriter:
             batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
             if not self._waiting:
                 self._arrived.clear()
-            now = asyncio.get_running_loop().time()
-            late = [one for one in batch if one.due <= now]
-            if late:
-                log.warning(
-                    "%d orders waited %s s for the database: not written", len(late), self._deadline
-                )
-                _fail_all(
-                    late,
-                    psycopg.OperationalError(
-                        "the order waited too long for the database and was not written"
-                    ),
-                )
-                batch = [one for one in batch if one.due > now]
-                if not batch:
-                    continue
             try:
                 await self._write(batch)
             except Exception as exc:  # a bug here must not leave callers waiting, or stop us
@@ -109,14 +109,22 @@ class OrderWriter:
                 _fail_all(batch, exc)
 
     async def _write(self, batch: list[Waiting]) -> None:
-        left = min(one.due for one in batch) - asyncio.get_running_loop().time()
-        timeout = max(0.0, min(self._timeout, left))
+        now = asyncio.get_running_loop().time()
+        late = [one for one in batch if one.due - now < MIN_TIME_LEFT]
+        if late:
+            log.warning("%d orders not written: their time ran out while they waited", len(late))
+            _fail_all(
+                late, psycopg.OperationalError("the order's time ran out before it was written")
+            )
+            batch = [one for one in batch if one.due - now >= MIN_TIME_LEFT]
+            if not batch:
+                return
+        timeout = min(self._timeout, min(one.due for one in batch) - now)
         try:
             async with asyncio.timeout(timeout):
                 rows = await self._insert([one.params for one in batch])
         except TimeoutError:
-            late = psycopg.OperationalError(f"writing orders took over {timeout:.1f} s")
-            _fail_all(batch, late)
+            await self._answer_after_all(batch, f"writing orders took over {timeout:.1f} s")
             return
         except db.UNAVAILABLE as exc:  # the database is out of reach: every caller gets a 503
             _fail_all(batch, exc)
@@ -134,6 +142,24 @@ class OrderWriter:
             return
         for one, row in zip(batch, rows, strict=True):
             if not one.future.done():  # the caller may have gone (request cancelled)
+                one.future.set_result(row)
+
+    async def _answer_after_all(self, batch: list[Waiting], why: str) -> None:
+        """After an insert ran out of time: 201 for the orders it wrote all the same (it was
+        committing when it was cancelled), 503 for the others or when that cannot be told."""
+        found: dict[Any, Row] = {}
+        try:
+            async with asyncio.timeout(LOOKUP_TIMEOUT), self._pool.connection() as conn:
+                ids = [one.params["id"] for one in batch]
+                cursor = await conn.execute(queries.GET_ORDERS, {"ids": ids})
+                found = {row[0]: row for row in await cursor.fetchall()}
+        except _LOOKUP_FAILURES as exc:
+            log.warning("could not tell whether %d late orders were written: %s", len(batch), exc)
+        for one in batch:
+            row = found.get(one.params["id"])
+            if row is None:
+                _fail(one.future, psycopg.OperationalError(why))
+            elif not one.future.done():
                 one.future.set_result(row)
 
     async def _insert(self, batch: list[dict[str, Any]]) -> list[Row]:

@@ -147,6 +147,64 @@ def test_orders_not_written_by_their_deadline_never_are_and_the_writer_goes_on(
     assert row[0] == after["id"]
 
 
+def test_an_order_whose_caller_has_too_little_time_left_is_refused_unwritten(
+    orders_url: str, orders_db: psycopg.Connection[Any]
+) -> None:
+    # The gateway says how long it still waits (its time left after waiting for a connection):
+    # 0.2 s leaves 0.16 to write in, under MIN_TIME_LEFT.
+    async def run() -> tuple[BaseException | None, Any]:
+        async with AsyncConnectionPool(orders_url, kwargs={"autocommit": True}) as pool:
+            writer = OrderWriter(pool, timeout=30, deadline=30)
+            try:
+                try:
+                    await writer.create(hurried, budget=0.2)
+                    refused: BaseException | None = None
+                except psycopg.OperationalError as exc:
+                    refused = exc
+                return refused, await writer.create(unhurried, budget=5.0)
+            finally:
+                await writer.close()
+
+    hurried, unhurried = order_params(), order_params()
+
+    refused, row = asyncio.run(run())
+
+    assert isinstance(refused, psycopg.OperationalError)
+    assert row[0] == unhurried["id"]
+    written = orders_db.execute(
+        "SELECT id FROM orders WHERE id = ANY(%s)", [[hurried["id"], unhurried["id"]]]
+    )
+    assert written.fetchall() == [(unhurried["id"],)]
+
+
+def test_orders_an_insert_wrote_as_its_time_ran_out_are_answered_as_written(
+    orders_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An insert cancelled while it was committing goes through: its callers get their rows,
+    # not a 503 that would make them order again.
+    async def run() -> list[Any]:
+        async with AsyncConnectionPool(orders_url, kwargs={"autocommit": True}) as pool:
+            writer = OrderWriter(pool, timeout=30, deadline=0.5)
+            insert = writer._insert
+
+            async def committed_then_slow(batch: list[dict[str, Any]]) -> list[Any]:
+                rows = await insert(batch)
+                await asyncio.sleep(5)  # past the deadline: cancelled here, after the commit
+                return rows
+
+            monkeypatch.setattr(writer, "_insert", committed_then_slow)
+            try:
+                return await asyncio.gather(*(writer.create(p) for p in batch))
+            finally:
+                await writer.close()
+
+    batch = [order_params() for _ in range(3)]
+
+    rows = asyncio.run(run())
+
+    assert [row[0] for row in rows] == [p["id"] for p in batch]
+
+
 def test_a_failure_outside_the_insert_fails_its_callers_and_the_writer_goes_on(
     orders_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

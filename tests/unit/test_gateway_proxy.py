@@ -264,6 +264,18 @@ def test_a_request_is_forwarded_with_its_method_path_query_body_and_request_id(
     assert sent.header("content-type") == [b"application/json"]
     assert json.loads(sent.body) == ORDER_BODY
     assert payments.received == []
+    # A write says how long the gateway still waits (the service gives up on it in time).
+    [budget] = sent.header("x-request-budget-ms")
+    assert 0 < int(budget) <= 5000
+
+
+def test_a_read_carries_no_budget(gateway: Gateway) -> None:
+    orders = FakeService(status(200, []))
+    client = gateway(orders, FakeService())
+
+    assert client.get("/orders").status_code == 200
+    [sent] = orders.received
+    assert sent.header("x-request-budget-ms") == []
 
 
 def test_declared_query_parameters_are_forwarded_and_undeclared_ones_dropped(

@@ -204,3 +204,29 @@ def test_an_answers_headers_come_back_in_order_with_every_repeat() -> None:
         (b"Link", b"<a>"),
         (b"Link", b"<b>"),
     ]
+
+
+def test_a_budget_header_says_the_time_left_when_the_request_goes_out() -> None:
+    # One connection, held 0.5 s by the first request: the second waits for it, and its budget
+    # (what is left of its 5 s when it is sent) says so; a request without it carries none.
+    received: list[bytes] = []
+
+    async def respond(request: bytes, writer: asyncio.StreamWriter) -> None:
+        received.append(request)
+        await asyncio.sleep(0.5 if len(received) == 1 else 0)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+    async def scenario(server: Server) -> None:
+        client = http1.Client(f"http://127.0.0.1:{server.port}", 1, timeout=5)
+        first = asyncio.create_task(client.request("POST", "/first", body=b"{}"))
+        await asyncio.sleep(0.05)
+        await client.request("POST", "/second", body=b"{}", budget_header=b"X-Budget-Ms")
+        await first
+        await client.close()
+
+    run_against(respond, scenario)
+    first, second = received
+    assert b"X-Budget-Ms" not in first
+    [line] = [h for h in second.split(b"\r\n") if h.startswith(b"X-Budget-Ms: ")]
+    left = int(line.split(b": ")[1])
+    assert 3000 < left <= 4600  # 5 s less the wait for the connection
