@@ -34,7 +34,7 @@ config = load()
 broker = DoorbellRedisBroker(  # type: ignore[no-untyped-call]
     client=redis.Redis.from_url(
         config.redis_url,
-        socket_timeout=config.kafka_timeout,
+        socket_timeout=max(config.kafka_timeout, 5),  # above the doorbell's 1 s BLPOP
         socket_connect_timeout=config.db_connect_timeout,
         health_check_interval=10,
     )
@@ -87,7 +87,10 @@ class Resources:
             return pipeline.relay_outbox(self.pool(), producer, config)
         except KafkaException as exc:
             error = exc.args[0] if exc.args else None
-            if isinstance(error, KafkaError) and error.fatal():
+            # Fatal once, from the poll or flush that met it; every produce after: _FATAL.
+            if isinstance(error, KafkaError) and (
+                error.fatal() or error.code() == KafkaError._FATAL
+            ):
                 log.error(
                     "%s relay: fatal Kafka producer error, a new producer: %s",
                     self.service,

@@ -48,7 +48,7 @@ class DoorbellConsumer(_RedisConsumer):
             return None
         try:
             self.broker.client.blpop([self.bell], timeout=self.idle_seconds)
-        except redis.ConnectionError as exc:
+        except (redis.ConnectionError, redis.TimeoutError) as exc:  # a Redis gone silent too
             raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
         return None
 

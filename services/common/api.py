@@ -341,9 +341,12 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        started = time.perf_counter()
         headers = dict(scope["headers"])
         request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:200] or str(uuid7())
-        scope.setdefault("state", {})["request_id"] = request_id
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        state["arrived"] = started  # time.perf_counter(): a handler can tell how long it took
         status_holder = [500]
 
         async def send_with_id(message: Message) -> None:
@@ -356,7 +359,6 @@ class RequestContext:
                 ]
             await send(message)
 
-        started = time.perf_counter()
         try:
             await self.app(scope, receive, send_with_id)
         finally:

@@ -3,6 +3,7 @@ read their status. `uvicorn --factory services.orders.app:create_app` serves it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Final
@@ -161,10 +162,18 @@ async def create_order(call: Call) -> Response:
     )
     params = {"id": order_id, "user_id": user_id, "amount": amount, "description": description}
     writer: OrderWriter = call.request.app.state.order_writer
-    budget = call.request.headers.get(BUDGET_HEADER, "")  # the gateway's time left, in ms
-    seconds = int(budget) / 1000 if budget.isascii() and budget.isdigit() else None
-    order = _order(await writer.create(params | event_row, seconds))
+    order = _order(await writer.create(params | event_row, _time_left(call)))
     return respond(order.to_json(), 201, headers={"Location": f"/order/{order.id}"})
+
+
+def _time_left(call: Call) -> float | None:
+    """Seconds the gateway still waits for this answer (`BUDGET_HEADER`, in milliseconds when
+    it sent the request), less what this request took here so far; None if not said."""
+    budget = call.request.headers.get(BUDGET_HEADER, "")
+    if not (budget.isascii() and budget.isdigit() and len(budget) <= 9):
+        return None
+    arrived: float = call.request.state.arrived
+    return int(budget) / 1000 - (time.perf_counter() - arrived)
 
 
 def _next_page_link(call: Call, cursor: str) -> str:

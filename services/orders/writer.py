@@ -33,8 +33,9 @@ SHARE_OF_BUDGET: Final = 0.8
 # An order with less time left than this when its batch starts is refused unwritten: too little
 # for an insert under load, and it would cut short the time of every order of its batch.
 MIN_TIME_LEFT: Final = 0.25
-# Seconds to find out whether an insert that ran out of time committed after all.
-LOOKUP_TIMEOUT: Final = 1.0
+# Seconds to find out whether an insert that ran out of time committed after all (the writer
+# waits meanwhile).
+LOOKUP_TIMEOUT: Final = 0.5
 _LOOKUP_FAILURES: Final[tuple[type[BaseException], ...]] = (TimeoutError, *db.UNAVAILABLE)
 
 Row = tuple[Any, ...]
@@ -62,12 +63,14 @@ class OrderWriter:
         twice when it does: an order with less than `MIN_TIME_LEFT` of its time left when its
         batch starts (it waited behind a stalled insert) is answered 503 and never written, and
         a batch may take only what is left of its oldest order's time. psycopg cancels an
-        insert that runs out of it; only one that was committing at that instant goes through,
-        and its orders are then looked up and answered 201 after all."""
+        insert that runs out of it; one that was committing at that instant went through, and
+        its orders are looked up and answered 201 after all. Left: a database that stalls past
+        psycopg's own wait for the cancel (5 s) may still commit an insert answered 503."""
         self._pool = pool
         self._timeout = timeout
         self._deadline = deadline
         self._waiting: list[Waiting] = []
+        self._writing: list[Waiting] = []  # the batch being written
         self._arrived = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -88,12 +91,13 @@ class OrderWriter:
     async def close(self) -> None:
         """Stop writing; callers still waiting (the server's graceful shutdown ran out) get a
         503 rather than no answer."""
+        writing = self._writing  # the batch in flight, if any: cancelled with the task
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        waiting, self._waiting = self._waiting, []
+        waiting, self._waiting = writing + self._waiting, []
         _fail_all(waiting, psycopg.OperationalError("the Orders service is stopping"))
 
     async def _run(self) -> None:
@@ -102,11 +106,14 @@ class OrderWriter:
             batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
             if not self._waiting:
                 self._arrived.clear()
+            self._writing = batch
             try:
                 await self._write(batch)
             except Exception as exc:  # a bug here must not leave callers waiting, or stop us
                 log.exception("writing %d orders failed", len(batch))
                 _fail_all(batch, exc)
+            finally:
+                self._writing = []
 
     async def _write(self, batch: list[Waiting]) -> None:
         now = asyncio.get_running_loop().time()

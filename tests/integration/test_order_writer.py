@@ -205,6 +205,26 @@ def test_orders_an_insert_wrote_as_its_time_ran_out_are_answered_as_written(
     assert [row[0] for row in rows] == [p["id"] for p in batch]
 
 
+def test_closing_the_writer_answers_the_orders_being_written(orders_url: str) -> None:
+    # Stopping mid-insert (the server's graceful shutdown ran out) left the batch in flight
+    # without an answer: it had already left the queue.
+    async def run() -> BaseException | None:
+        async with AsyncConnectionPool(orders_url, kwargs={"autocommit": True}) as pool:
+            writer = OrderWriter(pool, timeout=30, deadline=30)
+            async with await psycopg.AsyncConnection.connect(orders_url) as locker:
+                await locker.execute("LOCK TABLE orders IN EXCLUSIVE MODE")
+                stalled = asyncio.create_task(writer.create(order_params()))
+                await asyncio.sleep(0.3)  # in flight, behind the lock
+                await writer.close()
+                try:
+                    await asyncio.wait_for(stalled, timeout=5)
+                except psycopg.OperationalError as exc:
+                    return exc
+        return None
+
+    assert "stopping" in str(asyncio.run(run()))
+
+
 def test_a_failure_outside_the_insert_fails_its_callers_and_the_writer_goes_on(
     orders_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

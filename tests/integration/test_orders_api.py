@@ -239,6 +239,26 @@ def test_unreadable_requests_are_refused_and_write_nothing(
     assert row_counts(orders_db) == (0, 0)
 
 
+@pytest.mark.parametrize(
+    ("budget", "status", "written"),
+    [
+        ("0", 503, 0),  # the gateway has no time left: refused unwritten
+        ("5000", 201, 1),
+        ("9" * 400, 201, 1),  # absurd: not taken (it was a 500, float overflow)
+        ("1.5", 201, 1),  # not a count of milliseconds: not taken
+    ],
+)
+def test_a_create_takes_the_gateway_s_time_left_into_account(
+    client: TestClient, orders_db: psycopg.Connection[Any], budget: str, status: int, written: int
+) -> None:
+    response = client.post(
+        "/orders/create", json=order_body(), headers={"X-Request-Budget-Ms": budget}
+    )
+
+    assert response.status_code == status, response.text
+    assert row_counts(orders_db) == (written, written)
+
+
 # --- The order and its outbox row commit together ---------------------------------------------
 
 

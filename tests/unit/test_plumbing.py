@@ -142,7 +142,7 @@ def test_the_broker_s_redis_calls_are_bounded_by_the_configured_timeouts() -> No
     from actors import broker
 
     settings = broker.broker.client.connection_pool.connection_kwargs
-    assert settings["socket_timeout"] == broker.config.kafka_timeout
+    assert settings["socket_timeout"] == max(broker.config.kafka_timeout, 5)
     assert settings["socket_connect_timeout"] == broker.config.db_connect_timeout
 
 
@@ -174,6 +174,13 @@ def test_a_relay_gets_a_new_kafka_producer_after_a_fatal_error(
     with pytest.raises(KafkaException):
         resources.relay()
     assert resources._producer is None  # the next run makes a new one
+    # The poll or flush that meets the fatal error says so once; each produce after it raises
+    # _FATAL without the flag (a run that starts with a produce never sees the flag).
+    resources._producer = failing
+    raised[0] = KafkaException(KafkaError(KafkaError._FATAL, "fatal error earlier"))
+    with pytest.raises(KafkaException):
+        resources.relay()
+    assert resources._producer is None
 
 
 def test_a_pacer_spaces_batches_by_its_interval_only_once_they_come_full() -> None:
