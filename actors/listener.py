@@ -70,20 +70,23 @@ def listen(service: str, actors: ServiceActors, stopping: threading.Event) -> No
 
 def _listen(service: str, actors: ServiceActors, stopping: threading.Event) -> None:
     with contextlib.suppress(*OUTAGES):  # raised only once stopping
-        for attempt in through_outages(stopping):
-            with attempt:
-                if stopping.is_set():
-                    return
-                with db.connect(config, service, f"{service}-listener") as conn:
-                    conn.execute(f"LISTEN {pipeline.OUTBOX_CHANNEL}")
-                    log.info("%s: listening on %s", service, pipeline.OUTBOX_CHANNEL)
-                    actors.sweep.send()  # whatever was notified while we were away
-                    wake_relay(
-                        conn.pgconn,
-                        lambda: broker.wake(actors.relay_outbox),
-                        pipeline.Pacer(config.batch_interval),
-                        stopping,
-                    )
+        through_outages(stopping)(_listen_once, service, actors, stopping)
+
+
+def _listen_once(service: str, actors: ServiceActors, stopping: threading.Event) -> None:
+    """One LISTEN connection, held until `stopping` or until it fails."""
+    if stopping.is_set():
+        return
+    with db.connect(config, service, f"{service}-listener") as conn:
+        conn.execute(f"LISTEN {pipeline.OUTBOX_CHANNEL}")
+        log.info("%s: listening on %s", service, pipeline.OUTBOX_CHANNEL)
+        actors.sweep.send()  # whatever was notified while we were away
+        wake_relay(
+            conn.pgconn,
+            lambda: broker.wake(actors.relay_outbox),
+            pipeline.Pacer(config.batch_interval),
+            stopping,
+        )
 
 
 def wake_relay(
@@ -136,10 +139,8 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    try:
-        for attempt in through_outages(stopping):  # Redis may come up after us
-            with attempt:
-                server = broker.broker.client.info("server")
+    try:  # Redis may come up after us
+        server = through_outages(stopping)(broker.broker.client.info, "server")
     except OUTAGES:
         return 0 if signalled.is_set() else 1
     too_old = broker.redis_too_old(server)

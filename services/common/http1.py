@@ -254,7 +254,6 @@ class Client:
         it in time rather than finish work its client no longer waits for."""
         loop = asyncio.get_running_loop()
         ends = loop.time() + (self._timeout if timeout is None else timeout)
-        request = b"" if budget_header else self.request_bytes(method, target, headers, body)
         deadline = asyncio.timeout_at(ends)
         connection: _Connection | None = None
         written = answered = False
@@ -262,8 +261,8 @@ class Client:
             async with deadline:
                 connection = await self._acquire(loop)
                 if budget_header:
-                    left = b"%s: %d\r\n" % (budget_header, max(0, (ends - loop.time()) * 1000))
-                    request = self.request_bytes(method, target, headers + left, body)
+                    headers += b"%s: %d\r\n" % (budget_header, max(0, (ends - loop.time()) * 1000))
+                request = self.request_bytes(method, target, headers, body)
                 waiter = connection.exchange(request, head_only=method == "HEAD")
                 written = True
                 response = await waiter
