@@ -6,6 +6,8 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from confluent_kafka import Producer
@@ -46,6 +48,35 @@ def test_killing_workers_and_the_listener_mid_stream_loses_nothing_and_charges_o
     assert all(count == 1 for _, count in debits)
 
 
+def send_raw(
+    system: System, topic: str, key: str | bytes, value: bytes, partition: int = -1
+) -> str:
+    """Produce one message as any producer could (partition -1: the key's); its event_id."""
+    config = Config(kafka_topic_prefix=system.env["KAFKA_TOPIC_PREFIX"])
+    producer = Producer(kafka.producer_settings(config, "e2e-poison"))
+    event_id = str(uuid.uuid4())
+    producer.produce(
+        config.topic(topic),
+        key=key,
+        value=value,
+        partition=partition,
+        headers=[("event_id", event_id.encode())],
+    )
+    assert producer.flush(10) == 0
+    return event_id
+
+
+def dead_letter_reason(sql: Callable[..., list[tuple[Any, ...]]], event_id: str) -> str:
+    """The reason `event_id` was dead-lettered for, once it is (`sql`: a service's database)."""
+
+    def dead_lettered() -> str:
+        rows = sql("SELECT reason FROM dead_letters WHERE event_id = %s", event_id)
+        assert rows, "not dead-lettered yet"
+        return str(rows[0][0])
+
+    return eventually(dead_lettered, timeout=30)
+
+
 @pytest.mark.parametrize(
     "poison",
     [b"{not json", b'{"schema_version": 99, "type": "payment_requested", "payload": {}}'],
@@ -53,33 +84,18 @@ def test_killing_workers_and_the_listener_mid_stream_loses_nothing_and_charges_o
 def test_poison_is_dead_lettered_and_later_messages_on_its_partition_still_flow(
     system: System, poison: bytes
 ) -> None:
-    config = Config(kafka_topic_prefix=system.env["KAFKA_TOPIC_PREFIX"])
     user = system.funded_user(1_000)
-    producer = Producer(kafka.producer_settings(config, "e2e-poison"))
-    event_id = str(uuid.uuid4())
     # Same key as the user's orders, so the same partition as the order placed after it.
-    producer.produce(
-        config.topic(TOPIC_PAYMENT_REQUESTED),
-        key=user,
-        value=poison,
-        headers=[("event_id", event_id.encode())],
-    )
-    assert producer.flush(10) == 0
+    event_id = send_raw(system, TOPIC_PAYMENT_REQUESTED, user, poison)
     order = system.place_order(user, 300)
     assert system.wait_terminal([order])[order] == ("paid", None)
 
-    def dead_lettered() -> str:
-        rows = system.payments_sql("SELECT reason FROM dead_letters WHERE event_id = %s", event_id)
-        assert rows, "not dead-lettered yet"
-        return str(rows[0][0])
-
-    assert "poison" in eventually(dead_lettered, timeout=30)
+    assert "poison" in dead_letter_reason(system.payments_sql, event_id)
 
 
 def test_a_key_postgres_cannot_store_does_not_stop_its_partition(system: System) -> None:
     # A key with a NUL byte (a producer keying by raw UUID bytes writes one now and then) failed
     # the inbox insert of its whole batch: the consumer died on it, restarted, died again.
-    config = Config(kafka_topic_prefix=system.env["KAFKA_TOPIC_PREFIX"])
     user = system.funded_user(1_000)
     first = system.place_order(user, 100)
     assert system.wait_terminal([first])[first] == ("paid", None)
@@ -89,40 +105,17 @@ def test_a_key_postgres_cannot_store_does_not_stop_its_partition(system: System)
     [(partition,)] = system.payments_sql(
         "SELECT kafka_partition FROM inbox WHERE event_id = %s", request_id
     )
-    producer = Producer(kafka.producer_settings(config, "e2e-poison"))
-    event_id = str(uuid.uuid4())
-    producer.produce(
-        config.topic(TOPIC_PAYMENT_REQUESTED),
-        key=b"a\x00b",
-        value=b"{not json",
-        partition=partition,  # the user's, so that the next order queues behind it
-        headers=[("event_id", event_id.encode())],
+    # On the user's partition, so that the next order queues behind it.
+    event_id = send_raw(
+        system, TOPIC_PAYMENT_REQUESTED, b"a\x00b", b"{not json", partition=partition
     )
-    assert producer.flush(10) == 0
     second = system.place_order(user, 200)
     assert system.wait_terminal([second])[second] == ("paid", None)
 
-    def dead_lettered() -> None:
-        rows = system.payments_sql("SELECT reason FROM dead_letters WHERE event_id = %s", event_id)
-        assert rows, "not dead-lettered yet"
-
-    eventually(dead_lettered, timeout=30)
+    assert dead_letter_reason(system.payments_sql, event_id)
 
 
 def test_garbage_on_the_results_topic_is_dead_lettered_by_orders(system: System) -> None:
-    config = Config(kafka_topic_prefix=system.env["KAFKA_TOPIC_PREFIX"])
-    producer = Producer(kafka.producer_settings(config, "e2e-poison"))
-    event_id = str(uuid.uuid4())
-    producer.produce(
-        config.topic(TOPIC_PAYMENT_RESULT),
-        key="someone",
-        value=b"\x00\x01 garbage",
-        headers=[("event_id", event_id.encode())],
-    )
-    assert producer.flush(10) == 0
+    event_id = send_raw(system, TOPIC_PAYMENT_RESULT, "someone", b"\x00\x01 garbage")
 
-    def dead_lettered() -> None:
-        rows = system.orders_sql("SELECT reason FROM dead_letters WHERE event_id = %s", event_id)
-        assert rows, "not dead-lettered yet"
-
-    eventually(dead_lettered, timeout=30)
+    assert dead_letter_reason(system.orders_sql, event_id)

@@ -11,8 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -21,6 +20,7 @@ import pytest
 import redis
 
 from services.common.ids import uuid7
+from tests.e2e.conftest import eventually
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
@@ -48,8 +48,15 @@ def redis_server(port: int) -> Iterator[redis.Redis]:
         stdout=subprocess.DEVNULL,
     )
     client = redis.Redis(port=port, socket_timeout=5)
+
+    def answers() -> None:
+        try:
+            client.ping()
+        except redis.ConnectionError as exc:
+            raise AssertionError("redis-server did not start") from exc
+
     try:
-        until(lambda: client.ping(), "redis-server did not start")
+        eventually(answers)
         yield client
     finally:
         process.kill()
@@ -57,24 +64,14 @@ def redis_server(port: int) -> Iterator[redis.Redis]:
         client.close()
 
 
-def until(check: Callable[[], Any], failure: str, timeout: float = 30) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            result = check()
-            if result:
-                return result
-        except (redis.ConnectionError, AssertionError):
-            pass
-        assert time.monotonic() < deadline, failure
-        time.sleep(0.1)
+def enqueued(client: redis.Redis, actor: str) -> None:
+    """Once a message for `actor` waits on the orders queue."""
 
+    def waits() -> None:
+        messages = client.hvals("dramatiq:orders.msgs")
+        assert any(f'"actor_name":"{actor}"'.encode() in m for m in messages), f"no {actor}"
 
-def enqueued(client: redis.Redis, actor: str) -> bool:
-    """Whether a message for `actor` waits on the orders queue."""
-    return any(
-        f'"actor_name":"{actor}"'.encode() in m for m in client.hvals("dramatiq:orders.msgs")
-    )
+    eventually(waits)
 
 
 def commit_outbox_row(db: psycopg.Connection[Any]) -> None:
@@ -113,14 +110,14 @@ def test_the_listener_waits_out_redis_outages_and_wakes_relays_when_it_is_back(
         assert still_running(listener, 3)
         with redis_server(port) as client:
             # Connected: each service's listening thread sends a sweep.
-            until(lambda: enqueued(client, "sweep_orders"), "no sweep once Redis came up")
+            enqueued(client, "sweep_orders")
         # Redis gone while it runs: the wake-up for this commit fails, and it waits again.
         commit_outbox_row(orders_db)
         assert still_running(listener, 3)
         with redis_server(port) as client:
-            until(lambda: enqueued(client, "sweep_orders"), "no sweep once Redis was back")
+            enqueued(client, "sweep_orders")  # reconnected
             commit_outbox_row(orders_db)
-            until(lambda: enqueued(client, "relay_orders_outbox"), "a commit woke no relay")
+            enqueued(client, "relay_orders_outbox")  # and a commit wakes the relay
         listener.send_signal(signal.SIGTERM)
         assert listener.wait(timeout=15) == 0
     finally:
