@@ -184,7 +184,7 @@ def test_orders_an_insert_wrote_as_its_time_ran_out_are_answered_as_written(
     # not a 503 that would make them order again.
     async def run() -> list[Any]:
         async with AsyncConnectionPool(orders_url, kwargs={"autocommit": True}) as pool:
-            writer = OrderWriter(pool, timeout=30, deadline=0.5)
+            writer = OrderWriter(pool, timeout=30, deadline=2.0)
             insert = writer._insert
 
             async def committed_then_slow(batch: list[dict[str, Any]]) -> list[Any]:
