@@ -58,7 +58,7 @@ class Resources:
             lambda: db.connect(config, service, f"{service}-relay-watch")
         )
         self._topics_ready = False
-        self._last_purge = -math.inf
+        self._last_run: dict[str, float] = {}  # chore -> when this process last did it
 
     def pool(self) -> ConnectionPool:
         with self._lock:
@@ -107,14 +107,15 @@ class Resources:
                 self._handler = self._make_handler(config)
             return self._handler
 
-    def purge_due(self, interval: float) -> bool:
-        """Whether this process last purged old rows `interval` seconds ago or more (purging
-        scans the tables, so it runs far less often than the sweep)."""
+    def due(self, chore: str, interval: float) -> bool:
+        """Whether this process last did `chore` `interval` seconds ago or more (or never); if
+        so, it counts as done now. Purging old rows and asking again for unanswered orders
+        scan tables, so a sweep does them far less often than it relays and applies."""
         with self._lock:
             now = time.monotonic()
-            if now - self._last_purge < interval:
+            if now - self._last_run.get(chore, -math.inf) < interval:
                 return False
-            self._last_purge = now
+            self._last_run[chore] = now
             return True
 
     def close(self) -> None:
@@ -209,8 +210,15 @@ class ServiceActors:
     sweep: dramatiq.Actor[[], None]
 
 
-def declare(service: str, make_handler: Callable[[Config], ApplyHandler]) -> ServiceActors:
-    """Declare `relay_<service>_outbox`, `apply_<service>_inbox` and `sweep_<service>`."""
+def declare(
+    service: str,
+    make_handler: Callable[[Config], ApplyHandler],
+    recover: Callable[[ConnectionPool, Config], int] | None = None,
+) -> ServiceActors:
+    """Declare `relay_<service>_outbox`, `apply_<service>_inbox` and `sweep_<service>`. A sweep
+    also purges old rows every `PURGE_INTERVAL` and calls `recover` (if given: the service's
+    way to finish work lost on the way; returns how many items it took up again) every
+    `PAYMENT_REREQUEST_INTERVAL` seconds."""
     resources = Resources(service, make_handler)
     closer.resources.append(resources)
 
@@ -239,16 +247,21 @@ def declare(service: str, make_handler: Callable[[Config], ApplyHandler]) -> Ser
         relayed = resources.relay()
         applied = pipeline.apply_inbox(resources.pool(), resources.handler(), config)
         purged = pipeline.Purged(outbox=0, inbox=0)
-        if resources.purge_due(config.purge_interval):
+        if resources.due("purge", config.purge_interval):
             purged = pipeline.purge(resources.pool(), config)
-        if relayed or applied or purged.outbox or purged.inbox:
+        recovered = 0
+        if recover is not None and resources.due("recover", config.payment_rerequest_interval):
+            recovered = recover(resources.pool(), config)
+        if relayed or applied or purged.outbox or purged.inbox or recovered:
             log.info(
-                "%s sweep: relayed %d, applied %d, purged %d outbox / %d inbox rows",
+                "%s sweep: relayed %d, applied %d, purged %d outbox / %d inbox rows, "
+                "took up %d lost",
                 service,
                 relayed,
                 applied,
                 purged.outbox,
                 purged.inbox,
+                recovered,
             )
 
     def actor(fn: Callable[[], Any], name: str) -> Any:

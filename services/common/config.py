@@ -111,6 +111,14 @@ class Config:
     # further wake-ups, before it stops and waits for the next one.
     relay_linger: float = field(default_factory=lambda: _env_float("RELAY_LINGER", 2))
     sweep_interval: float = field(default_factory=lambda: _env_float("SWEEP_INTERVAL", 2))
+    # Seconds an order may stay new before its payment is requested again (then twice as long
+    # after each request, at most an hour; 0: never), and how often the Orders sweeper looks.
+    payment_rerequest_after: float = field(
+        default_factory=lambda: _env_float("PAYMENT_REREQUEST_AFTER", 300)
+    )
+    payment_rerequest_interval: float = field(
+        default_factory=lambda: _env_float("PAYMENT_REREQUEST_INTERVAL", 30)
+    )
     purge_interval: float = field(default_factory=lambda: _env_float("PURGE_INTERVAL", 60))
     retention_hours: float = field(default_factory=lambda: _env_float("RETENTION_HOURS", 24))
 

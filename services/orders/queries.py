@@ -44,6 +44,46 @@ def create_orders_params(group: Sequence[Mapping[str, Any]]) -> dict[str, list[A
     }
 
 
+# Orders left new (their payment request or its answer lost on the way), oldest first: new
+# for `after` seconds since they were created, and since their last request again for `after`
+# doubled per request again, at most `max_wait`. An order the relay has not published yet (as
+# old as the outbox's oldest pending row, or younger) is waiting for the relay, not lost. An
+# index range scan of `orders_by_status`: few orders are new at any time.
+UNANSWERED: Final = """
+SELECT o.id, o.user_id, o.amount
+FROM orders o
+LEFT JOIN payment_rerequests r ON r.order_id = o.id
+WHERE o.status = 'new'
+  AND o.created_at < clock_timestamp() - make_interval(secs => %(after)s)
+  AND o.created_at < coalesce(
+      (SELECT created_at FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT 1),
+      'infinity')
+  AND (r.order_id IS NULL OR r.last_requested_at < clock_timestamp() - make_interval(
+      secs => least(%(after)s * 2 ^ least(r.attempts, 30), %(max_wait)s)))
+ORDER BY o.created_at, o.id
+LIMIT %(limit)s
+"""
+
+# One sweeper asks again at a time; another one finding it busy skips its turn.
+REREQUEST_LOCK: Final = "SELECT pg_try_advisory_xact_lock(hashtext('payment_rerequest'))"
+
+# The payment requests of `order_ids` again (`outbox.arrays` of their rows, in the same
+# order, so each user's requests keep the order of their orders), counted per order.
+REREQUEST: Final = f"""
+WITH request AS (
+    SELECT *
+    FROM unnest(%(order_ids)b::uuid[], {outbox.UNNEST_ARGS})
+         WITH ORDINALITY AS r (order_id, {outbox.COLUMNS}, n)
+), counted AS (
+    INSERT INTO payment_rerequests (order_id, attempts, last_requested_at)
+    SELECT order_id, 1, clock_timestamp() FROM request
+    ON CONFLICT (order_id) DO UPDATE
+    SET attempts = payment_rerequests.attempts + 1,
+        last_requested_at = excluded.last_requested_at
+)
+{outbox.insert_from("request")}
+"""
+
 GET_ORDER: Final = f"SELECT {ORDER_COLUMNS} FROM orders WHERE id = %(id)s"
 GET_ORDERS: Final = f"SELECT {ORDER_COLUMNS} FROM orders WHERE id = ANY(%(ids)s)"
 

@@ -189,6 +189,7 @@ def system(request: pytest.FixtureRequest) -> Iterator[System]:
         "SERVICES_DIR": services_dir,
         "VENV": sys.prefix,
         "SWEEP_INTERVAL": "1",
+        "PAYMENT_REREQUEST_INTERVAL": "1",
         "INBOX_MAX_ATTEMPTS": "3",
         **{f"{name}_PORT": port for name, port in ports.items()},
     }

@@ -119,3 +119,41 @@ def test_garbage_on_the_results_topic_is_dead_lettered_by_orders(system: System)
     event_id = send_raw(system, TOPIC_PAYMENT_RESULT, "someone", b"\x00\x01 garbage")
 
     assert dead_letter_reason(system.orders_sql, event_id)
+
+
+def test_orders_whose_request_or_answer_was_lost_are_asked_for_again_and_charged_once(
+    system: System,
+) -> None:
+    # The e2e system's Orders sweeper looks for orders left new every second; both orders here
+    # were created an hour ago (PAYMENT_REREQUEST_AFTER is 5 minutes).
+    user = system.funded_user(1_000)
+    answered = system.place_order(user, 200)
+    assert system.wait_terminal([answered])[answered] == ("paid", None)
+    # Its answer is lost: the order is back to new, as if the result had never arrived.
+    system.orders_sql(
+        "UPDATE orders SET status = 'new', created_at = now() - interval '1 hour',"
+        " updated_at = now() - interval '1 hour' WHERE id = %s RETURNING id",
+        answered,
+    )
+    # This one's request is lost: the order committed, its event never reached Payments.
+    [(unrequested,)] = system.orders_sql(
+        "INSERT INTO orders (id, user_id, amount, description, created_at, updated_at)"
+        " VALUES (gen_random_uuid(), %s, 300, 'lost', now() - interval '1 hour',"
+        " now() - interval '1 hour') RETURNING id::text",
+        user,
+    )
+
+    states = system.wait_terminal([answered, unrequested], timeout=60)
+    assert states == {answered: ("paid", None), unrequested: ("paid", None)}
+    debits = system.payments_sql(
+        "SELECT order_id::text, amount FROM ledger WHERE kind = 'debit'"
+        " AND order_id = ANY(%s::uuid[]) ORDER BY amount",
+        [answered, unrequested],
+    )
+    assert debits == [(answered, 200), (unrequested, 300)]  # the answered order: once
+    assert system.balance(user) == 500
+    asked = system.orders_sql(
+        "SELECT order_id::text, attempts FROM payment_rerequests WHERE order_id = ANY(%s::uuid[])",
+        [answered, unrequested],
+    )
+    assert sorted(asked) == sorted([(answered, 1), (unrequested, 1)])

@@ -122,19 +122,23 @@ def test_access_lines_are_written_for_failed_requests_and_on_demand_for_every_on
     assert [line.startswith("GET /health 200 ") for _, line in access_lines(caplog)] == [True]
 
 
-def test_a_process_purges_at_most_once_per_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_process_does_each_chore_at_most_once_per_interval(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from actors import broker
 
     now = [1000.0]
     monkeypatch.setattr(time, "monotonic", lambda: now[0])
     resources = broker.Resources("orders", lambda config: lambda conn, pending: None)
 
-    assert resources.purge_due(60) is True  # the first sweep purges
+    assert resources.due("purge", 60) is True  # the first sweep purges
     now[0] += 59
-    assert resources.purge_due(60) is False
+    assert resources.due("purge", 60) is False
+    assert resources.due("recover", 30) is True  # each chore keeps its own time
     now[0] += 1
-    assert resources.purge_due(60) is True
-    assert resources.purge_due(60) is False
+    assert resources.due("purge", 60) is True
+    assert resources.due("purge", 60) is False
+    assert resources.due("recover", 30) is False
 
 
 def test_the_broker_s_redis_calls_are_bounded_by_the_configured_timeouts() -> None:

@@ -1,0 +1,11 @@
+-- Orders whose payment was requested again. An order is answered once its request reaches
+-- Payments and the answer reaches Orders; a request or an answer lost on the way (Kafka data
+-- lost, a message dead-lettered and its cause since mended) would leave it new for good. The
+-- Orders sweeper asks again for an order left new for PAYMENT_REREQUEST_AFTER seconds, then
+-- after twice as long each time (at most an hour); Payments answers a repeated order as it
+-- answered it first, so asking again never charges twice. One row per order asked again.
+CREATE TABLE payment_rerequests (
+    order_id           uuid        PRIMARY KEY,
+    attempts           int         NOT NULL CHECK (attempts > 0),
+    last_requested_at  timestamptz NOT NULL
+);

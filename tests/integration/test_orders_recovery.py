@@ -1,0 +1,208 @@
+"""Orders left new are asked for again, on a real Postgres: only orders whose request was
+published and went unanswered, oldest first, each with a new event, backing off per order."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from prometheus_client import REGISTRY
+from psycopg_pool import ConnectionPool
+
+from services.common import db
+from services.common.config import Config
+from services.common.events import EVENT_ID_HEADER, TOPIC_PAYMENT_REQUESTED, TYPE_PAYMENT_REQUESTED
+from services.common.ids import uuid7
+from services.orders import queries
+from services.orders.recovery import MAX_REREQUEST_WAIT, rerequest_unanswered
+from tests.conftest import plan_nodes
+
+AFTER = 300.0  # PAYMENT_REREQUEST_AFTER's default
+
+
+@pytest.fixture
+def config(orders_url: str) -> Config:
+    return Config(
+        orders_database_url=orders_url,
+        kafka_topic_prefix="test-recovery.",
+        payment_rerequest_after=AFTER,
+    )
+
+
+@pytest.fixture
+def pool(config: Config) -> Iterator[ConnectionPool]:
+    pool = db.sync_pool(config, "orders", "test-recovery", size=1)
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
+def order(
+    db_: psycopg.Connection[Any],
+    age_s: float,
+    *,
+    user: uuid.UUID | None = None,
+    status: str = "new",
+    amount: int = 700,
+) -> uuid.UUID:
+    """An order created `age_s` seconds ago whose payment request was published long since."""
+    order_id = uuid7()
+    db_.execute(
+        "INSERT INTO orders (id, user_id, amount, description, status, reason, created_at,"
+        " updated_at) VALUES (%(id)s, %(user)s, %(amount)s, 'lost', %(status)s, %(reason)s,"
+        " clock_timestamp() - make_interval(secs => %(age)s),"
+        " clock_timestamp() - make_interval(secs => %(age)s))",
+        {
+            "id": order_id,
+            "user": user or uuid.uuid4(),
+            "amount": amount,
+            "status": status,
+            "reason": "insufficient_funds" if status == "failed" else None,
+            "age": age_s,
+        },
+    )
+    return order_id
+
+
+def requested(db_: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
+    """The payment requests in the outbox, oldest first: (order_id, event_id, key, topic,
+    envelope, headers)."""
+    return db_.execute(
+        "SELECT (payload->'payload'->>'order_id')::uuid, event_id, key, topic, payload, headers"
+        " FROM outbox ORDER BY id"
+    ).fetchall()
+
+
+def attempts(db_: psycopg.Connection[Any], order_id: uuid.UUID) -> int | None:
+    row = db_.execute(
+        "SELECT attempts FROM payment_rerequests WHERE order_id = %s", (order_id,)
+    ).fetchone()
+    return None if row is None else int(row[0])
+
+
+def test_an_order_left_new_is_requested_again_with_an_event_of_its_own(
+    config: Config, pool: ConnectionPool, orders_db: psycopg.Connection[Any]
+) -> None:
+    user = uuid.uuid4()
+    lost = order(orders_db, AFTER + 60, user=user, amount=1234)
+    counted = REGISTRY.get_sample_value("payment_rerequests_total") or 0.0
+
+    assert rerequest_unanswered(pool, config) == 1
+    assert REGISTRY.get_sample_value("payment_rerequests_total") == counted + 1
+
+    [(order_id, event_id, key, topic, envelope, headers)] = requested(orders_db)
+    assert order_id == lost
+    assert topic == config.topic(TOPIC_PAYMENT_REQUESTED) and key == str(user)
+    assert envelope["type"] == TYPE_PAYMENT_REQUESTED
+    assert envelope["payload"] == {"order_id": str(lost), "user_id": str(user), "amount": 1234}
+    assert envelope["event_id"] == str(event_id) == headers[EVENT_ID_HEADER]
+    assert attempts(orders_db, lost) == 1
+    # Still new and unchanged: asking again is not an answer.
+    assert orders_db.execute("SELECT status FROM orders WHERE id = %s", (lost,)).fetchone() == (
+        "new",
+    )
+
+
+def test_young_answered_and_unpublished_orders_are_not_asked_for_again(
+    config: Config, pool: ConnectionPool, orders_db: psycopg.Connection[Any]
+) -> None:
+    order(orders_db, AFTER - 30)  # young: its answer may be on the way
+    order(orders_db, AFTER + 60, status="paid")
+    order(orders_db, AFTER + 60, status="failed")
+    assert rerequest_unanswered(pool, config) == 0
+
+    # The relay is behind: the outbox's oldest pending row is 20 minutes old. An order younger
+    # than it may still be waiting in the outbox; an older one went out and was lost.
+    orders_db.execute(
+        "INSERT INTO outbox (event_id, topic, key, payload, created_at) VALUES"
+        " (%s, 't', 'k', '{}', clock_timestamp() - interval '20 minutes')",
+        (uuid.uuid4(),),
+    )
+    order(orders_db, 10 * 60)
+    older = order(orders_db, 30 * 60)
+    assert rerequest_unanswered(pool, config) == 1
+    assert [r[0] for r in requested(orders_db)] == [None, older]  # the pending row, then ours
+
+
+def test_an_order_is_asked_for_again_after_twice_the_wait_each_time_at_most_an_hour(
+    config: Config, pool: ConnectionPool, orders_db: psycopg.Connection[Any]
+) -> None:
+    lost = order(orders_db, AFTER + 1)
+    assert rerequest_unanswered(pool, config) == 1
+    assert rerequest_unanswered(pool, config) == 0  # just asked
+
+    def asked_ago(seconds: float) -> None:
+        orders_db.execute(
+            "UPDATE payment_rerequests"
+            " SET last_requested_at = clock_timestamp() - make_interval(secs => %s)",
+            (seconds,),
+        )
+
+    asked_ago(2 * AFTER - 10)  # once asked again: the next wait is twice PAYMENT_REREQUEST_AFTER
+    assert rerequest_unanswered(pool, config) == 0
+    asked_ago(2 * AFTER + 10)
+    assert rerequest_unanswered(pool, config) == 1
+    assert attempts(orders_db, lost) == 2
+
+    asked_ago(4 * AFTER - 10)
+    assert rerequest_unanswered(pool, config) == 0
+    asked_ago(4 * AFTER + 10)
+    assert rerequest_unanswered(pool, config) == 1
+    assert attempts(orders_db, lost) == 3
+
+    orders_db.execute("UPDATE payment_rerequests SET attempts = 40")  # 2^40 waits: capped
+    asked_ago(MAX_REREQUEST_WAIT - 10)
+    assert rerequest_unanswered(pool, config) == 0
+    asked_ago(MAX_REREQUEST_WAIT + 10)
+    assert rerequest_unanswered(pool, config) == 1
+    assert attempts(orders_db, lost) == 41
+    assert len(requested(orders_db)) == 4
+    assert len({r[1] for r in requested(orders_db)}) == 4  # a new event_id each time
+
+
+def test_the_oldest_are_asked_for_first_a_batch_at_a_time_in_their_order(
+    config: Config, pool: ConnectionPool, orders_db: psycopg.Connection[Any]
+) -> None:
+    user = uuid.uuid4()
+    by_age = [order(orders_db, AFTER + age, user=user) for age in (500, 400, 300, 200, 100)]
+
+    assert rerequest_unanswered(pool, config, limit=3) == 3
+    assert [r[0] for r in requested(orders_db)] == by_age[:3]  # one user's: in created order
+    assert rerequest_unanswered(pool, config, limit=3) == 2
+    assert [r[0] for r in requested(orders_db)] == by_age
+
+
+def test_nothing_is_asked_for_again_while_another_sweeper_is_at_it_or_when_turned_off(
+    config: Config, pool: ConnectionPool, orders_db: psycopg.Connection[Any], orders_url: str
+) -> None:
+    order(orders_db, AFTER + 60)
+    with psycopg.connect(orders_url) as other, other.transaction():
+        other.execute(queries.REREQUEST_LOCK)
+        assert rerequest_unanswered(pool, config) == 0
+    off = Config(orders_database_url=config.orders_database_url, payment_rerequest_after=0)
+    assert rerequest_unanswered(pool, off) == 0
+    assert requested(orders_db) == []
+    assert rerequest_unanswered(pool, config) == 1
+
+
+def test_looking_for_orders_left_new_reads_only_new_orders_through_an_index(
+    orders_db: psycopg.Connection[Any],
+) -> None:
+    # It runs every PAYMENT_REREQUEST_INTERVAL against a table of every order ever made.
+    with orders_db.transaction():
+        orders_db.execute("SET LOCAL enable_seqscan = off")
+        [(plan,)] = orders_db.execute(
+            "EXPLAIN (FORMAT JSON) " + queries.UNANSWERED,
+            {"after": AFTER, "max_wait": MAX_REREQUEST_WAIT, "limit": 500},
+        ).fetchall()
+    scans = [
+        (node["Node Type"], node.get("Relation Name"), node.get("Index Cond", ""))
+        for node in plan_nodes(plan)
+    ]
+    assert not any(kind == "Seq Scan" for kind, _, _ in scans), scans
+    on_orders = [cond for kind, relation, cond in scans if relation == "orders"]
+    assert on_orders and all("status = 'new'" in cond for cond in on_orders), scans
