@@ -9,7 +9,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -210,15 +210,21 @@ class ServiceActors:
     sweep: dramatiq.Actor[[], None]
 
 
+@dataclass(frozen=True)
+class Chore:
+    """Work a service's sweep also does, every `every` seconds: `run` it with the service's
+    pool and the configuration."""
+
+    name: str
+    every: float
+    run: Callable[[ConnectionPool, Config], object]
+
+
 def declare(
-    service: str,
-    make_handler: Callable[[Config], ApplyHandler],
-    recover: Callable[[ConnectionPool, Config], int] | None = None,
+    service: str, make_handler: Callable[[Config], ApplyHandler], chores: Sequence[Chore] = ()
 ) -> ServiceActors:
     """Declare `relay_<service>_outbox`, `apply_<service>_inbox` and `sweep_<service>`. A sweep
-    also purges old rows every `PURGE_INTERVAL` and calls `recover` (if given: the service's
-    way to finish work lost on the way; returns how many items it took up again) every
-    `PAYMENT_REREQUEST_INTERVAL` seconds."""
+    also purges old rows every `PURGE_INTERVAL` seconds, and does each of `chores` when due."""
     resources = Resources(service, make_handler)
     closer.resources.append(resources)
 
@@ -249,19 +255,17 @@ def declare(
         purged = pipeline.Purged(outbox=0, inbox=0)
         if resources.due("purge", config.purge_interval):
             purged = pipeline.purge(resources.pool(), config)
-        recovered = 0
-        if recover is not None and resources.due("recover", config.payment_rerequest_interval):
-            recovered = recover(resources.pool(), config)
-        if relayed or applied or purged.outbox or purged.inbox or recovered:
+        for chore in chores:
+            if resources.due(chore.name, chore.every):
+                chore.run(resources.pool(), config)
+        if relayed or applied or purged.outbox or purged.inbox:
             log.info(
-                "%s sweep: relayed %d, applied %d, purged %d outbox / %d inbox rows, "
-                "took up %d lost",
+                "%s sweep: relayed %d, applied %d, purged %d outbox / %d inbox rows",
                 service,
                 relayed,
                 applied,
                 purged.outbox,
                 purged.inbox,
-                recovered,
             )
 
     def actor(fn: Callable[[], Any], name: str) -> Any:

@@ -44,22 +44,25 @@ def create_orders_params(group: Sequence[Mapping[str, Any]]) -> dict[str, list[A
     }
 
 
-# Orders left new (their payment request or its answer lost on the way), oldest first: new
-# for `after` seconds since they were created, and since their last request again for `after`
-# doubled per request again, at most `max_wait`. An order the relay has not published yet (as
-# old as the outbox's oldest pending row, or younger) is waiting for the relay, not lost. An
-# index range scan of `orders_by_status`: few orders are new at any time.
+# Orders left new (their payment request or its answer lost on the way), oldest first, with
+# how many times each was asked for again: new for `after` seconds since it was created, and
+# not asked again `max_requests` times yet or sooner than its `next_request_at`. An order the
+# relay may not have published yet is waiting for the relay, not lost: one as old as the
+# outbox's oldest pending row, or younger, give or take `margin` (an order's time is read when
+# its statement starts, its outbox row's when the row is inserted). An index range scan of
+# `orders_by_status`, bounded by the time (`now()`: the clock of a volatile function would
+# make it a filter on every new order ever left).
 UNANSWERED: Final = """
-SELECT o.id, o.user_id, o.amount
+SELECT o.id, o.user_id, o.amount, coalesce(r.attempts, 0)
 FROM orders o
 LEFT JOIN payment_rerequests r ON r.order_id = o.id
 WHERE o.status = 'new'
-  AND o.created_at < clock_timestamp() - make_interval(secs => %(after)s)
+  AND o.created_at < now() - make_interval(secs => %(after)s)
   AND o.created_at < coalesce(
       (SELECT created_at FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT 1),
-      'infinity')
-  AND (r.order_id IS NULL OR r.last_requested_at < clock_timestamp() - make_interval(
-      secs => least(%(after)s * 2 ^ least(r.attempts, 30), %(max_wait)s)))
+      'infinity') - make_interval(secs => %(margin)s)
+  AND (r.order_id IS NULL
+       OR (r.attempts < %(max_requests)s AND r.next_request_at <= now()))
 ORDER BY o.created_at, o.id
 LIMIT %(limit)s
 """
@@ -67,21 +70,33 @@ LIMIT %(limit)s
 # One sweeper asks again at a time; another one finding it busy skips its turn.
 REREQUEST_LOCK: Final = "SELECT pg_try_advisory_xact_lock(hashtext('payment_rerequest'))"
 
-# The payment requests of `order_ids` again (`outbox.arrays` of their rows, in the same
-# order, so each user's requests keep the order of their orders), counted per order.
+# The payment requests of `order_ids` again (`outbox.arrays` of their rows, in the same order,
+# so each user's requests keep the order of their orders), each order's count of requests
+# again (`attempts`) and the seconds until the next one is due (`waits`).
 REREQUEST: Final = f"""
 WITH request AS (
     SELECT *
-    FROM unnest(%(order_ids)b::uuid[], {outbox.UNNEST_ARGS})
-         WITH ORDINALITY AS r (order_id, {outbox.COLUMNS}, n)
+    FROM unnest(%(order_ids)b::uuid[], %(attempts)b::int[], %(waits)b::float8[],
+                {outbox.UNNEST_ARGS})
+         WITH ORDINALITY AS r (order_id, attempts, wait, {outbox.COLUMNS}, n)
 ), counted AS (
-    INSERT INTO payment_rerequests (order_id, attempts, last_requested_at)
-    SELECT order_id, 1, clock_timestamp() FROM request
+    INSERT INTO payment_rerequests (order_id, attempts, last_requested_at, next_request_at)
+    SELECT order_id, attempts, now(), now() + make_interval(secs => wait) FROM request
     ON CONFLICT (order_id) DO UPDATE
-    SET attempts = payment_rerequests.attempts + 1,
-        last_requested_at = excluded.last_requested_at
+    SET attempts = excluded.attempts,
+        last_requested_at = excluded.last_requested_at,
+        next_request_at = excluded.next_request_at
 )
 {outbox.insert_from("request")}
+"""
+
+# The requests again of orders settled since, once `retention_seconds` old.
+FORGET_REREQUESTS: Final = """
+DELETE FROM payment_rerequests r
+USING orders o
+WHERE o.id = r.order_id
+  AND o.status <> 'new'
+  AND r.last_requested_at < now() - make_interval(secs => %(retention_seconds)s)
 """
 
 GET_ORDER: Final = f"SELECT {ORDER_COLUMNS} FROM orders WHERE id = %(id)s"

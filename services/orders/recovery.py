@@ -1,7 +1,11 @@
 """Orders left new, asked for again: the Orders sweeper's way to finish an order whose payment
 request, or its answer, was lost on the way (Kafka data lost, a message dead-lettered and its
 cause since mended). Payments answers a repeated order as it answered it first (paid, or
-declined for the same reason) and never debits it twice, so asking again is always safe."""
+declined for the same reason) and never debits it twice, so asking again is always safe.
+
+Orders cannot tell a lost request from a late answer: while Payments is down or more than
+`PAYMENT_REREQUEST_AFTER` behind, the orders waiting longest are asked for again too, a batch
+per round at most, and answered once Payments reaches the repeats."""
 
 from __future__ import annotations
 
@@ -14,48 +18,75 @@ from psycopg_pool import ConnectionPool
 from services.common import outbox
 from services.common.config import Config
 from services.common.events import TOPIC_PAYMENT_REQUESTED
+from services.common.inbox import backoff_seconds
 from services.orders import queries
 from services.orders.domain import payment_requested
 
 log = logging.getLogger(__name__)
 
-# Served by the Orders worker (actors/broker.py): above zero, something was lost on the way.
+# Served by the Orders worker (actors/broker.py): above zero, a request or an answer was lost,
+# or came later than PAYMENT_REREQUEST_AFTER.
 REREQUESTED = Counter("payment_rerequests", "Orders left new whose payment was requested again")
 
-# Orders asked for again per sweep, and the longest wait between two requests of one order.
+# Orders asked for again per round; the longest wait between two requests of one order (unless
+# PAYMENT_REREQUEST_AFTER is longer); how many times one order is asked for again at most
+# (with the default PAYMENT_REREQUEST_AFTER, over about 7 hours).
 REREQUEST_BATCH: Final = 500
 MAX_REREQUEST_WAIT: Final = 3600.0
+MAX_REREQUESTS: Final = 10
 
 
 def rerequest_unanswered(pool: ConnectionPool, config: Config, limit: int = REREQUEST_BATCH) -> int:
     """Request again the payment of orders left new (`queries.UNANSWERED`), at most `limit`,
     each with a new event; return how many. Nothing when `PAYMENT_REREQUEST_AFTER` is 0 or
-    another sweeper is at it."""
-    if config.payment_rerequest_after <= 0:
+    another sweeper is at it. Also forgets the requests again of orders settled since."""
+    after = config.payment_rerequest_after
+    if after <= 0:
         return 0
     topic = config.topic(TOPIC_PAYMENT_REQUESTED)
     with pool.connection() as conn, conn.transaction():
         locked = conn.execute(queries.REREQUEST_LOCK).fetchone()
         if not (locked and locked[0]):
             return 0
+        conn.execute(
+            queries.FORGET_REREQUESTS, {"retention_seconds": config.retention_hours * 3600}
+        )
         due = conn.execute(
             queries.UNANSWERED,
             {
-                "after": config.payment_rerequest_after,
-                "max_wait": max(MAX_REREQUEST_WAIT, config.payment_rerequest_after),
+                "after": after,
+                "margin": config.db_statement_timeout,
+                "max_requests": MAX_REREQUESTS,
                 "limit": limit,
             },
         ).fetchall()
         if not due:
             return 0
-        rows = [
-            outbox.row(topic, str(user_id), payment_requested(order_id, user_id, amount))
-            for order_id, user_id, amount in due
-        ]
+        cap = max(MAX_REREQUEST_WAIT, after)
+        attempts = [asked + 1 for _, _, _, asked in due]
         conn.execute(
             queries.REREQUEST,
-            {"order_ids": [order_id for order_id, _, _ in due], **outbox.arrays(rows)},
+            {
+                "order_ids": [order_id for order_id, _, _, _ in due],
+                "attempts": attempts,
+                "waits": [backoff_seconds(n, base=after, cap=cap) for n in attempts],
+                **outbox.arrays(
+                    [
+                        outbox.row(topic, str(user), payment_requested(order_id, user, amount))
+                        for order_id, user, amount, _ in due
+                    ]
+                ),
+            },
         )
     REREQUESTED.inc(len(due))
     log.warning("orders: payment requested again for %d order(s) left new", len(due))
+    given_up = [str(row[0]) for row, n in zip(due, attempts, strict=True) if n >= MAX_REREQUESTS]
+    if given_up:
+        log.error(
+            "orders: %d order(s) still new, asked for again %d times, now left for an operator"
+            " (see Payments' dead_letters): %s",
+            len(given_up),
+            MAX_REREQUESTS,
+            ", ".join(given_up),
+        )
     return len(due)
