@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import psycopg
 import redis
-from confluent_kafka import KafkaError, Producer, TopicPartition
+from confluent_kafka import OFFSET_END, KafkaError, Producer, TopicPartition
 
 from chaos import topics
 from chaos.schedule import FaultKind, Step
@@ -265,6 +265,71 @@ async def terminate_backends(target: Target, seconds: float, interval: float) ->
 
 # --- Kafka messages -----------------------------------------------------------------------------
 
+# Orders placed before a moment and still new; how many times orders were asked for again.
+NEW_BEFORE: Final = "SELECT count(*) FROM orders WHERE status = 'new' AND created_at < %s"
+ASKED_AGAIN: Final = "SELECT coalesce(sum(attempts), 0) FROM payment_rerequests"
+
+
+def orders_fact(target: Target, query: str, *params: Any) -> Any:
+    """The one value `query` gives on the Orders database."""
+    with psycopg.connect(
+        target.config.orders_database_url, connect_timeout=5, application_name="chaos"
+    ) as conn:
+        row = conn.execute(query, params or None).fetchone()
+    assert row is not None
+    return row[0]
+
+
+def delete_unread(target: Target, topic: str) -> int:
+    """Delete every record of `topic` up to each partition's end, as retention running out
+    would; how many there were, read already or not."""
+    config = target.config
+    before = {p: low for p, (low, _) in topics.watermarks(config, topic).items()}
+    admin = kafka.admin(config)  # held until the futures are done: they die with it
+    futures = admin.delete_records(
+        [TopicPartition(topic, p, OFFSET_END) for p in before],
+        request_timeout=config.kafka_timeout,
+    )
+    deleted = 0
+    for partition, future in futures.items():
+        deleted += (
+            future.result(timeout=config.kafka_timeout).low_watermark - before[partition.partition]
+        )
+    return deleted
+
+
+async def lose_requests(ctx: Context, program: str, seconds: float) -> str:
+    """Payment requests lost by Kafka before Payments read them: `program` (the payments
+    consumer) is stopped for `seconds` while requests pile up, they are deleted from the topic,
+    and it goes on from the new start of each partition (`auto.offset.reset`). Their orders
+    stay new until the Orders sweeper asks for them again (PAYMENT_REREQUEST_AFTER): healed
+    once no order placed before the deletion is new."""
+    target = ctx.target
+    config = target.config
+    pid = await target.program_pid(program)
+    if not pid:
+        raise TargetError(f"{program} is not running")
+    asked_before = await asyncio.to_thread(orders_fact, target, ASKED_AGAIN)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        await asyncio.sleep(seconds)
+        topic = config.topic(TOPIC_PAYMENT_REQUESTED)
+        deleted = await asyncio.to_thread(delete_unread, target, topic)
+        cut = await asyncio.to_thread(orders_fact, target, "SELECT now()")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    began = time.monotonic()
+    wait = config.payment_rerequest_after + config.payment_rerequest_interval + RESTART_TIMEOUT
+    while await asyncio.to_thread(orders_fact, target, NEW_BEFORE, cut):
+        if time.monotonic() - began > wait:
+            raise TargetError(f"orders placed before the deletion still new after {wait:.0f} s")
+        await asyncio.sleep(0.5)
+    asked = await asyncio.to_thread(orders_fact, target, ASKED_AGAIN) - asked_before
+    return (
+        f"{deleted} record(s) deleted (read or not), {asked} order(s) asked for again, "
+        f"none left new after {time.monotonic() - began:.1f} s"
+    )
+
 
 def poison_values(topic: str, event_id: str) -> dict[str, bytes]:
     """The three kinds of poison for `topic`, each carrying `event_id` in its envelope."""
@@ -388,6 +453,8 @@ async def inject(step: Step, ctx: Context) -> str:
             return await asyncio.to_thread(duplicate_delivery, ctx, step.count)
         case FaultKind.POISON:
             return await asyncio.to_thread(produce_poison, ctx, step.count)
+        case FaultKind.LOSE_REQUESTS:
+            return await lose_requests(ctx, step.target, step.seconds)
     raise AssertionError(step.kind)
 
 

@@ -21,10 +21,14 @@ class FaultKind(StrEnum):
     PAUSE_CONSUMER = "pause-consumer"  # SIGSTOP past the session timeout, then SIGCONT
     DUPLICATE_DELIVERY = "duplicate-delivery"  # re-produce already consumed events, same headers
     POISON = "poison"  # bad JSON, unknown schema_version, negative amount, on both topics
+    # Payment requests deleted from Kafka before Payments read them (as when retention runs
+    # out): their orders wait for the Orders sweeper to ask again (PAYMENT_REREQUEST_AFTER)
+    LOSE_REQUESTS = "lose-requests"
 
 
 WORKERS: Final = ("orders-worker", "payments-worker")
 CONSUMERS: Final = ("orders-consumer", "payments-consumer")
+PAYMENTS_CONSUMER: Final = "payments-consumer"
 LISTENER: Final = "listener"
 HTTP_PROCESSES: Final = ("gateway", "orders", "payments")
 
@@ -62,6 +66,8 @@ class Step:
                 return "postgres stop -m immediate, start"
             case FaultKind.REDIS_RESTART:
                 return "redis shutdown nosave, start"
+            case FaultKind.LOSE_REQUESTS:
+                return f"delete {self.seconds:.0f} s of unread payment requests from Kafka"
             case _:
                 return f"SIGKILL {self.target}"
 
@@ -74,6 +80,8 @@ class Step:
             FaultKind.REDIS_RESTART: 8.0,
             FaultKind.DUPLICATE_DELIVERY: 4.0,
             FaultKind.POISON: 1.0,
+            # Then the orders wait PAYMENT_REREQUEST_AFTER for the sweeper (not known here).
+            FaultKind.LOSE_REQUESTS: 10.0,
         }.get(self.kind, 2.0)
         return self.gap_before + self.seconds + restart_cost
 
@@ -129,6 +137,9 @@ def build(seed: int, *, short: bool = False) -> Schedule:
         Step(FaultKind.POSTGRES_RESTART),
         Step(FaultKind.REDIS_RESTART),
         Step(FaultKind.PAUSE_CONSUMER, rng.choice(CONSUMERS), seconds=pause),
+        # Shorter than the session timeout: the consumer keeps its partitions, and finds the
+        # offsets it was at gone.
+        Step(FaultKind.LOSE_REQUESTS, PAYMENTS_CONSUMER, seconds=3.0 if short else 5.0),
     ]
     rng.shuffle(steps)
     # Duplicates need events already consumed: never the first fault.

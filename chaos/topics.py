@@ -40,20 +40,26 @@ def partitions(consumer: Consumer, topic: str) -> list[int]:
     return sorted(metadata.partitions)
 
 
-def high_watermarks(config: Config, topic: str) -> dict[int, int]:
-    """The next offset of every partition of `topic`."""
+def watermarks(config: Config, topic: str) -> dict[int, tuple[int, int]]:
+    """The first offset still kept and the next offset of every partition of `topic`."""
     consumer = client(config)
     try:
         return {
-            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=TIMEOUT)[1]
+            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=TIMEOUT)
             for p in partitions(consumer, topic)
         }
     finally:
         consumer.close()
 
 
+def high_watermarks(config: Config, topic: str) -> dict[int, int]:
+    """The next offset of every partition of `topic`."""
+    return {p: high for p, (_, high) in watermarks(config, topic).items()}
+
+
 def consumer_lag(config: Config, group: str, topic: str) -> int:
-    """Messages of `topic` the (prefixed) `group` has not committed yet, over all partitions."""
+    """Messages of `topic` the (prefixed) `group` has not committed yet and Kafka still
+    keeps, over all partitions."""
     consumer = client(config, config.kafka_topic_prefix + group)
     try:
         wanted = [TopicPartition(topic, p) for p in partitions(consumer, topic)]
@@ -62,7 +68,8 @@ def consumer_lag(config: Config, group: str, topic: str) -> int:
             low, high = consumer.get_watermark_offsets(
                 TopicPartition(topic, committed.partition), timeout=TIMEOUT
             )
-            position = low if committed.offset == OFFSET_INVALID else committed.offset
+            # Records deleted from Kafka (retention, or chaos's lose-requests) cannot be behind.
+            position = low if committed.offset == OFFSET_INVALID else max(low, committed.offset)
             lag += max(0, high - position)
         return lag
     finally:

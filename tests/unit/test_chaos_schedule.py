@@ -60,7 +60,12 @@ def test_a_full_schedule_has_every_fault_the_issue_asks_for(seed: int) -> None:
     assert "payments" in {s.target for s in steps if s.kind is FaultKind.KILL_SERVICE}
     outages = [s.seconds for s in steps if s.kind is FaultKind.KAFKA_OUTAGE]
     assert len(outages) == 2 and all(30 <= s <= 45 for s in outages)
-    for kind in (FaultKind.POSTGRES_RESTART, FaultKind.REDIS_RESTART, FaultKind.PAUSE_CONSUMER):
+    for kind in (
+        FaultKind.POSTGRES_RESTART,
+        FaultKind.REDIS_RESTART,
+        FaultKind.PAUSE_CONSUMER,
+        FaultKind.LOSE_REQUESTS,
+    ):
         assert kinds[kind] == 1
     assert kinds[FaultKind.TERMINATE_BACKENDS] == 1
     assert kinds[FaultKind.DUPLICATE_DELIVERY] >= 1 and kinds[FaultKind.POISON] >= 1
@@ -75,12 +80,18 @@ def test_a_short_schedule_has_each_fault_kind_exactly_once(seed: int) -> None:
 
 
 @pytest.mark.parametrize("seed", range(30))
-def test_duplicates_never_come_first_and_pauses_outlast_the_session_timeout(seed: int) -> None:
+def test_duplicates_never_come_first_and_only_the_pause_outlasts_the_session_timeout(
+    seed: int,
+) -> None:
     for short in (False, True):
         steps = build(seed, short=short).steps
         assert steps[0].kind is not FaultKind.DUPLICATE_DELIVERY
         pause = next(s for s in steps if s.kind is FaultKind.PAUSE_CONSUMER)
         assert pause.seconds > SESSION_TIMEOUT_SECONDS and pause.target in CONSUMERS
+        # Losing requests keeps the payments consumer's partitions where they are.
+        lose = next(s for s in steps if s.kind is FaultKind.LOSE_REQUESTS)
+        assert 0 < lose.seconds < SESSION_TIMEOUT_SECONDS
+        assert lose.target == "payments-consumer"
 
 
 def test_the_plan_places_every_order_and_top_up_and_underfunds_every_user() -> None:
