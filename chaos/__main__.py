@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from chaos import runner
 from chaos.schedule import build
+from services.common.config import load
 
 
 def parse(argv: Sequence[str]) -> runner.Options:
@@ -39,7 +40,11 @@ def parse(argv: Sequence[str]) -> runner.Options:
 
 def main(argv: Sequence[str]) -> int:
     options = parse(argv)
-    return runner.main(options, build(options.seed, short=options.short))
+    config = load()
+    asked_again_after = config.payment_rerequest_after + config.payment_rerequest_interval
+    return runner.main(
+        options, build(options.seed, short=options.short, asked_again_after=asked_again_after)
+    )
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from confluent_kafka import OFFSET_END, KafkaError, Producer, TopicPartition
 
 from chaos import topics
 from chaos.schedule import FaultKind, Step
-from chaos.target import Target, TargetError
+from chaos.target import NOW, Target, TargetError, query
 from services.common import kafka
 from services.common.events import (
     EVENT_ID_HEADER,
@@ -141,17 +141,25 @@ async def kill_program(target: Target, program: str) -> str:
             raise TargetError(f"supervisord did not restart {program} in {RESTART_TIMEOUT:.0f} s")
 
 
+@asynccontextmanager
+async def stopped(pid: int) -> AsyncIterator[None]:
+    """The process `pid` stopped (SIGSTOP) inside, running again (SIGCONT) after, whatever
+    happens inside."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
 async def pause_program(target: Target, program: str, seconds: float) -> str:
     """SIGSTOP a program (a consumer: past its session timeout its partitions are taken away
     mid-batch), then SIGCONT."""
     pid = await target.program_pid(program)
     if not pid:
         raise TargetError(f"{program} is not running")
-    os.kill(pid, signal.SIGSTOP)
-    try:
+    async with stopped(pid):
         await asyncio.sleep(seconds)
-    finally:
-        os.kill(pid, signal.SIGCONT)
     return f"pid {pid} stopped {seconds:.0f} s"
 
 
@@ -263,72 +271,74 @@ async def terminate_backends(target: Target, seconds: float, interval: float) ->
     return f"{terminated} backends terminated in {rounds} rounds{note}"
 
 
-# --- Kafka messages -----------------------------------------------------------------------------
+# --- Kafka records lost ------------------------------------------------------------------------
 
-# Orders placed before a moment and still new; how many times orders were asked for again.
+# Orders placed before a moment and still new; orders asked for again since a moment.
 NEW_BEFORE: Final = "SELECT count(*) FROM orders WHERE status = 'new' AND created_at < %s"
-ASKED_AGAIN: Final = "SELECT coalesce(sum(attempts), 0) FROM payment_rerequests"
+ASKED_AGAIN_SINCE: Final = "SELECT count(*) FROM payment_rerequests WHERE last_requested_at >= %s"
 
 
-def orders_fact(target: Target, query: str, *params: Any) -> Any:
-    """The one value `query` gives on the Orders database."""
-    with psycopg.connect(
-        target.config.orders_database_url, connect_timeout=5, application_name="chaos"
-    ) as conn:
-        row = conn.execute(query, params or None).fetchone()
-    assert row is not None
-    return row[0]
-
-
-def delete_unread(target: Target, topic: str) -> int:
+def delete_all_records(target: Target, topic: str, timeout: float) -> None:
     """Delete every record of `topic` up to each partition's end, as retention running out
-    would; how many there were, read already or not."""
+    would."""
     config = target.config
-    before = {p: low for p, (low, _) in topics.watermarks(config, topic).items()}
     admin = kafka.admin(config)  # held until the futures are done: they die with it
     futures = admin.delete_records(
-        [TopicPartition(topic, p, OFFSET_END) for p in before],
-        request_timeout=config.kafka_timeout,
+        [TopicPartition(topic, p, OFFSET_END) for p in topics.watermarks(config, topic)],
+        request_timeout=timeout,
     )
-    deleted = 0
-    for partition, future in futures.items():
-        deleted += (
-            future.result(timeout=config.kafka_timeout).low_watermark - before[partition.partition]
-        )
-    return deleted
+    for future in futures.values():
+        future.result(timeout=timeout)
+
+
+def unread_records(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]]) -> int:
+    """Records produced between two readings of a topic's watermarks."""
+    return sum(after[p][1] - high for p, (_, high) in before.items())
 
 
 async def lose_requests(ctx: Context, program: str, seconds: float) -> str:
     """Payment requests lost by Kafka before Payments read them: `program` (the payments
-    consumer) is stopped for `seconds` while requests pile up, they are deleted from the topic,
-    and it goes on from the new start of each partition (`auto.offset.reset`). Their orders
-    stay new until the Orders sweeper asks for them again (PAYMENT_REREQUEST_AFTER): healed
-    once no order placed before the deletion is new."""
+    consumer) is stopped for `seconds` while requests pile up, every record of the topic is
+    deleted, and it goes on from the new start of each partition (`auto.offset.reset`). Their
+    orders stay new until the Orders sweeper asks for them again (PAYMENT_REREQUEST_AFTER):
+    healed once no order placed before the deletion is new."""
     target = ctx.target
     config = target.config
+    orders_db = config.orders_database_url
+    topic = config.topic(TOPIC_PAYMENT_REQUESTED)
     pid = await target.program_pid(program)
     if not pid:
         raise TargetError(f"{program} is not running")
-    asked_before = await asyncio.to_thread(orders_fact, target, ASKED_AGAIN)
-    os.kill(pid, signal.SIGSTOP)
-    try:
+    async with stopped(pid):
+        before = await asyncio.to_thread(topics.watermarks, config, topic)
         await asyncio.sleep(seconds)
-        topic = config.topic(TOPIC_PAYMENT_REQUESTED)
-        deleted = await asyncio.to_thread(delete_unread, target, topic)
-        cut = await asyncio.to_thread(orders_fact, target, "SELECT now()")
-    finally:
-        os.kill(pid, signal.SIGCONT)
+        after = await asyncio.to_thread(topics.watermarks, config, topic)
+        # Kafka slow to answer may keep the consumer stopped past its session timeout: its
+        # partitions then move (as in pause-consumer), and the records are lost all the same.
+        await asyncio.to_thread(delete_all_records, target, topic, config.kafka_timeout)
+    cut = (await asyncio.to_thread(query, orders_db, NOW))[0][0]  # after the deletion
+    lost = unread_records(before, after)  # at least: the consumer may have been behind
     began = time.monotonic()
-    wait = config.payment_rerequest_after + config.payment_rerequest_interval + RESTART_TIMEOUT
-    while await asyncio.to_thread(orders_fact, target, NEW_BEFORE, cut):
+    wait = (
+        config.payment_rerequest_after
+        + config.payment_rerequest_interval
+        + config.db_statement_timeout
+        + RESTART_TIMEOUT
+    )
+    while (await asyncio.to_thread(query, orders_db, NEW_BEFORE, (cut,)))[0][0]:
         if time.monotonic() - began > wait:
             raise TargetError(f"orders placed before the deletion still new after {wait:.0f} s")
         await asyncio.sleep(0.5)
-    asked = await asyncio.to_thread(orders_fact, target, ASKED_AGAIN) - asked_before
+    asked = (await asyncio.to_thread(query, orders_db, ASKED_AGAIN_SINCE, (cut,)))[0][0]
+    if lost and not asked:
+        raise TargetError(f"{lost} unread request(s) deleted, yet no order was asked for again")
     return (
-        f"{deleted} record(s) deleted (read or not), {asked} order(s) asked for again, "
+        f"{lost}+ unread request(s) deleted, {asked} order(s) asked for again, "
         f"none left new after {time.monotonic() - began:.1f} s"
     )
+
+
+# --- Kafka messages -----------------------------------------------------------------------------
 
 
 def poison_values(topic: str, event_id: str) -> dict[str, bytes]:

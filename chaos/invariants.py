@@ -8,11 +8,10 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Final
-
-import psycopg
+from typing import Final
 
 from chaos.faults import Poison
+from chaos.target import query
 from chaos.traffic import OrderAttempt, Outcome, TopUpAttempt
 
 ORDERS_OF_USERS: Final = """
@@ -27,7 +26,6 @@ LEDGER: Final = """
 SELECT account_id::text, kind, amount, order_id::text
 FROM ledger WHERE account_id = ANY(%(accounts)s::uuid[])
 """
-NOW: Final = "SELECT clock_timestamp()"
 # Rows this run made (or that arrived while it ran) and that are not done yet.
 OUTBOX_BACKLOG: Final = """
 SELECT count(*) FROM outbox WHERE published_at IS NULL AND created_at >= %(since)s
@@ -41,11 +39,6 @@ DEAD_LETTER_COUNT: Final = "SELECT count(*) FROM dead_letters"
 SERVICES: Final = ("orders", "payments")
 MIN_UNDERFUNDED_SHARE: Final = 0.20
 TERMINAL_WITHIN_SECONDS: Final = 60.0
-
-
-def query(url: str, sql: str, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
-    with psycopg.connect(url, connect_timeout=5, application_name="chaos") as conn:
-        return conn.execute(sql, params).fetchall()
 
 
 @dataclass(frozen=True)

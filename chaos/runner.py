@@ -21,7 +21,6 @@ from chaos.invariants import (
     DEAD_LETTERS_SINCE,
     INBOX_BACKLOG,
     NEW_ORDERS_OF_USERS,
-    NOW,
     OUTBOX_BACKLOG,
     SERVICES,
     Check,
@@ -35,12 +34,12 @@ from chaos.invariants import (
     classify_orders,
     classify_top_ups,
     format_table,
-    query,
     read_facts,
 )
 from chaos.schedule import Schedule, Step
-from chaos.target import Target, TargetError
+from chaos.target import NOW, Target, TargetError, query
 from chaos.traffic import Outcome, Traffic, build_plan
+from services.common import kafka
 from services.common.events import TOPICS
 
 QUIET_TIMEOUT: Final = 240.0  # after the last heal: long past the 60 s the check allows
@@ -140,7 +139,7 @@ def observe(target: Target, users: Sequence[str], since: dict[str, datetime]) ->
         seen[f"{service} inbox"] = query(urls[service], INBOX_BACKLOG, params)[0][0]
         seen[f"{service} dead"] = len(query(urls[service], DEAD_LETTERS_SINCE, params))
     for group, topic in topics.GROUPS.items():
-        seen[f"lag {group}"] = topics.consumer_lag(target.config, group, target.config.topic(topic))
+        seen[f"lag {group}"] = kafka.consumer_lag(target.config, group, target.config.topic(topic))
     return seen
 
 
@@ -297,7 +296,7 @@ async def judge(run: Run) -> list[Check]:
     facts = await asyncio.to_thread(read_facts, run.urls, traffic.users, run.since, run.facts)
     for group, topic in topics.GROUPS.items():
         facts.lag[config.kafka_topic_prefix + group] = await asyncio.to_thread(
-            topics.consumer_lag, config, group, config.topic(topic)
+            kafka.consumer_lag, config, group, config.topic(topic)
         )
     orders = classify_orders(traffic.orders, facts.orders)
     top_ups = classify_top_ups(traffic.top_ups, facts.ledger)

@@ -48,6 +48,7 @@ class Step:
     interval: float = 0.0
     count: int = 0
     gap_before: float = 0.0
+    heal: float = 0.0  # how long it is expected to take to heal, when the system decides
 
     def describe(self) -> str:
         """One line for the run's log and the fault table."""
@@ -80,10 +81,9 @@ class Step:
             FaultKind.REDIS_RESTART: 8.0,
             FaultKind.DUPLICATE_DELIVERY: 4.0,
             FaultKind.POISON: 1.0,
-            # Then the orders wait PAYMENT_REREQUEST_AFTER for the sweeper (not known here).
-            FaultKind.LOSE_REQUESTS: 10.0,
+            FaultKind.LOSE_REQUESTS: 5.0,
         }.get(self.kind, 2.0)
-        return self.gap_before + self.seconds + restart_cost
+        return self.gap_before + self.seconds + restart_cost + self.heal
 
 
 @dataclass(frozen=True)
@@ -100,10 +100,11 @@ class Schedule:
         return [step.kind for step in self.steps]
 
 
-def build(seed: int, *, short: bool = False) -> Schedule:
+def build(seed: int, *, short: bool = False, asked_again_after: float = 0.0) -> Schedule:
     """The schedule for `seed`. Full: every kind, the Kafka outage twice (30-45 s each), both
     workers and both consumers killed, two HTTP processes killed, duplicates and poison twice.
-    Short: every kind exactly once, with an 8 s Kafka outage."""
+    Short: every kind exactly once, with an 8 s Kafka outage. `asked_again_after`: how long the
+    system waits before it asks again for an order left new (lose-requests heals then)."""
     rng = random.Random(f"chaos-schedule-{seed}")
     pause = SESSION_TIMEOUT_SECONDS + (2.0 if short else 5.0)
     steps: list[Step] = []
@@ -139,7 +140,7 @@ def build(seed: int, *, short: bool = False) -> Schedule:
         Step(FaultKind.PAUSE_CONSUMER, rng.choice(CONSUMERS), seconds=pause),
         # Shorter than the session timeout: the consumer keeps its partitions, and finds the
         # offsets it was at gone.
-        Step(FaultKind.LOSE_REQUESTS, PAYMENTS_CONSUMER, seconds=3.0 if short else 5.0),
+        Step(FaultKind.LOSE_REQUESTS, PAYMENTS_CONSUMER, seconds=3.0, heal=asked_again_after),
     ]
     rng.shuffle(steps)
     # Duplicates need events already consumed: never the first fault.
@@ -156,6 +157,7 @@ def build(seed: int, *, short: bool = False) -> Schedule:
             step.interval,
             step.count,
             gap_before=warm_up if index == 0 else round(rng.uniform(low, high), 1),
+            heal=step.heal,
         )
         for index, step in enumerate(steps)
     ]

@@ -9,11 +9,23 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Final
 from urllib.parse import urlsplit
+
+import psycopg
 
 from services.common.config import Config, load
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+NOW: Final = "SELECT clock_timestamp()"
+
+
+def query(url: str, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
+    """The rows `sql` gives on the database at `url`."""
+    with psycopg.connect(url, connect_timeout=5, application_name="chaos") as conn:
+        return conn.execute(sql, params).fetchall()
 
 
 class TargetError(RuntimeError):

@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from confluent_kafka import OFFSET_INVALID, Consumer, TopicPartition
+from confluent_kafka import Consumer, TopicPartition
 
 from services.common.config import Config
 from services.common.events import TOPIC_PAYMENT_REQUESTED, TOPIC_PAYMENT_RESULT
@@ -55,22 +55,3 @@ def watermarks(config: Config, topic: str) -> dict[int, tuple[int, int]]:
 def high_watermarks(config: Config, topic: str) -> dict[int, int]:
     """The next offset of every partition of `topic`."""
     return {p: high for p, (_, high) in watermarks(config, topic).items()}
-
-
-def consumer_lag(config: Config, group: str, topic: str) -> int:
-    """Messages of `topic` the (prefixed) `group` has not committed yet and Kafka still
-    keeps, over all partitions."""
-    consumer = client(config, config.kafka_topic_prefix + group)
-    try:
-        wanted = [TopicPartition(topic, p) for p in partitions(consumer, topic)]
-        lag = 0
-        for committed in consumer.committed(wanted, timeout=TIMEOUT):
-            low, high = consumer.get_watermark_offsets(
-                TopicPartition(topic, committed.partition), timeout=TIMEOUT
-            )
-            # Records deleted from Kafka (retention, or chaos's lose-requests) cannot be behind.
-            position = low if committed.offset == OFFSET_INVALID else max(low, committed.offset)
-            lag += max(0, high - position)
-        return lag
-    finally:
-        consumer.close()

@@ -148,7 +148,8 @@ def produce_batch(producer: Producer, messages: Sequence[Outgoing], timeout: flo
 
 
 def consumer_lag(config: Config, group: str, topic: str) -> int:
-    """Messages on `topic` that `group` has not committed yet, summed over partitions."""
+    """Messages on `topic` that `group` has not committed yet and Kafka still keeps, summed
+    over partitions (records deleted by retention cannot be behind)."""
     probe = Consumer(
         {
             "bootstrap.servers": config.kafka_bootstrap_servers,
@@ -167,7 +168,7 @@ def consumer_lag(config: Config, group: str, topic: str) -> int:
         lag = 0
         for position in committed:
             low, high = probe.get_watermark_offsets(position, timeout=config.kafka_timeout)
-            start = position.offset if position.offset >= 0 else low
+            start = max(low, position.offset) if position.offset >= 0 else low
             lag += max(0, high - start)
         return lag
     finally:

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 # Served by the Orders worker (actors/broker.py): above zero, a request or an answer was lost,
 # or came later than PAYMENT_REREQUEST_AFTER.
-REREQUESTED = Counter("payment_rerequests", "Orders left new whose payment was requested again")
+REREQUESTED = Counter("payment_rerequests", "Payment requests sent again for orders left new")
 
 # Orders asked for again per round; the longest wait between two requests of one order (unless
 # PAYMENT_REREQUEST_AFTER is longer); how many times one order is asked for again at most
@@ -83,8 +83,8 @@ def rerequest_unanswered(pool: ConnectionPool, config: Config, limit: int = RERE
     given_up = [str(row[0]) for row, n in zip(due, attempts, strict=True) if n >= MAX_REREQUESTS]
     if given_up:
         log.error(
-            "orders: %d order(s) still new, asked for again %d times, now left for an operator"
-            " (see Payments' dead_letters): %s",
+            "orders: %d order(s) still new, asked for again for the last time (%d times); if"
+            " still new later, they are an operator's (see Payments' dead_letters): %s",
             len(given_up),
             MAX_REREQUESTS,
             ", ".join(given_up),

@@ -166,7 +166,8 @@ def test_an_order_is_asked_for_again_after_twice_the_wait_each_time_then_left(
     orders_db.execute("UPDATE payment_rerequests SET attempts = %s", (MAX_REREQUESTS - 1,))
     make_due(orders_db)
     assert rerequest_unanswered(pool, config) == 1  # the last time
-    assert f"asked for again {MAX_REREQUESTS} times" in caplog.text and str(lost) in caplog.text
+    assert f"for the last time ({MAX_REREQUESTS} times)" in caplog.text
+    assert str(lost) in caplog.text
     make_due(orders_db)
     assert rerequest_unanswered(pool, config) == 0
     assert len(requested(orders_db)) == 5
@@ -201,26 +202,38 @@ def test_an_order_whose_first_request_is_still_in_the_outbox_is_not_asked_for_ag
     assert rerequest_unanswered(pool, config) == 1
 
 
+def test_with_a_wait_longer_than_an_hour_the_waits_between_requests_are_that_long(
+    orders_db: psycopg.Connection[Any], pool: ConnectionPool, orders_url: str
+) -> None:
+    slow = Config(orders_database_url=orders_url, payment_rerequest_after=2 * MAX_REREQUEST_WAIT)
+    lost = order(orders_db, slow.payment_rerequest_after + 60)
+    assert rerequest_unanswered(pool, slow) == 1
+    assert waits(orders_db, lost) == (1, slow.payment_rerequest_after)  # not 2x: capped
+
+
 def test_requests_again_of_orders_settled_since_are_forgotten_after_the_retention_window(
     config: Config, pool: ConnectionPool, orders_db: psycopg.Connection[Any]
 ) -> None:
-    settled, still_new = order(orders_db, AFTER + 60), order(orders_db, AFTER + 60)
-    assert rerequest_unanswered(pool, config) == 2
-    orders_db.execute("UPDATE orders SET status = 'paid' WHERE id = %s", (settled,))
+    settled, recent, still_new = (order(orders_db, AFTER + 60) for _ in range(3))
+    assert rerequest_unanswered(pool, config) == 3
+    orders_db.execute("UPDATE orders SET status = 'paid' WHERE id = ANY(%s)", ([settled, recent],))
     orders_db.execute(
-        "UPDATE payment_rerequests SET last_requested_at = now() - make_interval(secs => %s)",
-        ((config.retention_hours + 1) * 3600,),
+        "UPDATE payment_rerequests SET last_requested_at = now() - make_interval(secs => %s)"
+        " WHERE order_id <> %s",
+        ((config.retention_hours + 1) * 3600, recent),
     )
     rerequest_unanswered(pool, config)
     kept = orders_db.execute("SELECT order_id FROM payment_rerequests").fetchall()
-    assert kept == [(still_new,)]
+    assert sorted(kept) == sorted([(recent,), (still_new,)])
 
 
 def test_the_oldest_are_asked_for_first_a_batch_at_a_time_in_their_order(
     config: Config, pool: ConnectionPool, orders_db: psycopg.Connection[Any]
 ) -> None:
     user = uuid.uuid4()
-    by_age = [order(orders_db, AFTER + age, user=user) for age in (500, 400, 300, 200, 100)]
+    # Made youngest first, so that their ids (UUIDv7) go the other way from their age.
+    by_age = [order(orders_db, AFTER + age, user=user) for age in (100, 200, 300, 400, 500)]
+    by_age.reverse()
 
     assert rerequest_unanswered(pool, config, limit=3) == 3
     assert [r[0] for r in requested(orders_db)] == by_age[:3]  # one user's: in created order

@@ -554,3 +554,31 @@ def test_analyze_of_the_pipeline_tables_skips_payloads_and_samples_little(
         " AND NOT attisdropped"
     ).fetchall()
     assert sorted(targets) == [(0,), (10,)]  # nothing left at the default (-1): 300 x 100 rows
+
+
+def test_consumer_lag_counts_only_records_kafka_still_keeps(config: Config, topics: None) -> None:
+    # Records deleted before the group read them (retention ran out) can never be read: a
+    # partition that gets nothing new would otherwise show that lag for good.
+    topic = config.topic(TOPIC_PAYMENT_REQUESTED)
+    producer = Producer(kafka.producer_settings(config, "test-lag"))
+    for _ in range(5):
+        producer.produce(topic, key="k", value=b"x", partition=0)
+    assert producer.flush(10) == 0
+    group = "lag-probe"
+    committer = Consumer(
+        {
+            "bootstrap.servers": config.kafka_bootstrap_servers,
+            "group.id": config.kafka_topic_prefix + group,
+            "enable.auto.commit": False,
+        }
+    )
+    try:
+        committer.commit(offsets=[TopicPartition(topic, 0, 1)], asynchronous=False)
+    finally:
+        committer.close()
+    assert kafka.consumer_lag(config, group, topic) == 4
+
+    admin = kafka.admin(config)  # kept alive until the futures resolve
+    for future in admin.delete_records([TopicPartition(topic, 0, 3)]).values():
+        future.result(timeout=15)
+    assert kafka.consumer_lag(config, group, topic) == 2  # offsets 3 and 4

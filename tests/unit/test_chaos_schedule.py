@@ -94,6 +94,15 @@ def test_duplicates_never_come_first_and_only_the_pause_outlasts_the_session_tim
         assert lose.target == "payments-consumer"
 
 
+@pytest.mark.parametrize("short", [False, True])
+def test_the_traffic_lasts_through_the_wait_for_orders_asked_for_again(short: bool) -> None:
+    # lose-requests heals only once the system asks again for the orders it lost; the
+    # traffic is spread over the schedule's length, so it must count that wait.
+    waiting = build(7, short=short, asked_again_after=302)
+    assert waiting.nominal_seconds() == pytest.approx(build(7, short=short).nominal_seconds() + 302)
+    assert waiting.kinds() == build(7, short=short).kinds()
+
+
 def test_the_plan_places_every_order_and_top_up_and_underfunds_every_user() -> None:
     plan = build_plan(7, orders=1003, users=20, top_ups=62, duration=100)
     assert plan == build_plan(7, orders=1003, users=20, top_ups=62, duration=100)
