@@ -111,8 +111,9 @@ class Config:
     # further wake-ups, before it stops and waits for the next one.
     relay_linger: float = field(default_factory=lambda: _env_float("RELAY_LINGER", 2))
     sweep_interval: float = field(default_factory=lambda: _env_float("SWEEP_INTERVAL", 2))
-    # Seconds an order may stay new before its payment is requested again (then twice as long
-    # after each request, at most an hour; 0: never), and how often the Orders sweeper looks.
+    # Seconds an order may stay new after its payment request was published before it is
+    # requested again (then twice as long after each request, at most an hour; 0: never), and
+    # how often the Orders sweeper looks.
     payment_rerequest_after: float = field(
         default_factory=lambda: _env_float("PAYMENT_REREQUEST_AFTER", 300)
     )

@@ -45,19 +45,27 @@ def create_orders_params(group: Sequence[Mapping[str, Any]]) -> dict[str, list[A
 
 
 # Orders left new (their payment request or its answer lost on the way), oldest first, with
-# how many times each was asked for again: new for `after` seconds since it was created, and
-# not asked again `max_requests` times yet or sooner than its `next_request_at`. An order the
-# relay may not have published yet is waiting for the relay, not lost: one as old as the
-# outbox's oldest pending row, or younger, give or take `margin` (an order's time is read when
-# its statement starts, its outbox row's when the row is inserted). An index range scan of
-# `orders_by_status`, bounded by the time (`now()`: the clock of a volatile function would
-# make it a filter on every new order ever left).
+# how many times each was asked for again: its request published `after` seconds ago or
+# earlier, and not asked again `max_requests` times yet or sooner than its `next_request_at`.
+# The relay publishes in outbox order, so an order is that old when it is no younger than the
+# newest row published `after` ago: one whose request waited in the outbox (Kafka was down)
+# gets `after` from its publication, not from its creation. And an order the relay may not
+# have published yet is waiting, not lost: one as old as the outbox's oldest pending row (a
+# row Kafka did not acknowledge stays pending behind published ones), or younger, give or
+# take `margin` (an order's time is read when its statement starts, its row's when the row is
+# inserted). With no row published `after` ago (purged after RETENTION_HOURS), none is due.
+# Index range scans of `outbox_published`, `outbox_pending` and `orders_by_status`, bounded
+# by the time (`now()`: the clock of a volatile function cannot bound an index scan).
 UNANSWERED: Final = """
 SELECT o.id, o.user_id, o.amount, coalesce(r.attempts, 0)
 FROM orders o
 LEFT JOIN payment_rerequests r ON r.order_id = o.id
 WHERE o.status = 'new'
-  AND o.created_at < now() - make_interval(secs => %(after)s)
+  AND o.created_at <= coalesce(
+      (SELECT created_at FROM outbox
+       WHERE published_at < now() - make_interval(secs => %(after)s)
+       ORDER BY published_at DESC LIMIT 1),
+      '-infinity')
   AND o.created_at < coalesce(
       (SELECT created_at FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT 1),
       'infinity') - make_interval(secs => %(margin)s)

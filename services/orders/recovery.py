@@ -4,8 +4,8 @@ cause since mended). Payments answers a repeated order as it answered it first (
 declined for the same reason) and never debits it twice, so asking again is always safe.
 
 Orders cannot tell a lost request from a late answer: while Payments is down or more than
-`PAYMENT_REREQUEST_AFTER` behind, the orders waiting longest are asked for again too, a batch
-per round at most, and answered once Payments reaches the repeats."""
+`PAYMENT_REREQUEST_AFTER` behind, the orders whose requests went out longest ago are asked for
+again too, a batch per round at most, and answered once Payments reaches the repeats."""
 
 from __future__ import annotations
 

@@ -125,7 +125,8 @@ def test_orders_whose_request_or_answer_was_lost_are_asked_for_again_and_charged
     system: System,
 ) -> None:
     # The e2e system's Orders sweeper looks for orders left new every second; both orders here
-    # were created an hour ago (PAYMENT_REREQUEST_AFTER is 5 minutes).
+    # were created, and their requests published, an hour ago (PAYMENT_REREQUEST_AFTER is 5
+    # minutes).
     user = system.funded_user(1_000)
     answered = system.place_order(user, 200)
     assert system.wait_terminal([answered])[answered] == ("paid", None)
@@ -135,11 +136,25 @@ def test_orders_whose_request_or_answer_was_lost_are_asked_for_again_and_charged
         " updated_at = now() - interval '1 hour' WHERE id = %s RETURNING id",
         answered,
     )
-    # This one's request is lost: the order committed, its event never reached Payments.
+    system.orders_sql(
+        "UPDATE outbox SET created_at = now() - interval '1 hour',"
+        " published_at = now() - interval '1 hour'"
+        " WHERE payload->'payload'->>'order_id' = %s RETURNING id",
+        answered,
+    )
+    # This one's request is lost: the order committed, its event went out and never reached
+    # Payments (Kafka lost it).
     [(unrequested,)] = system.orders_sql(
-        "INSERT INTO orders (id, user_id, amount, description, created_at, updated_at)"
-        " VALUES (gen_random_uuid(), %s, 300, 'lost', now() - interval '1 hour',"
-        " now() - interval '1 hour') RETURNING id::text",
+        "WITH lost AS ("
+        "  INSERT INTO orders (id, user_id, amount, description, created_at, updated_at)"
+        "  VALUES (gen_random_uuid(), %s, 300, 'lost', now() - interval '1 hour',"
+        "          now() - interval '1 hour') RETURNING id, user_id"
+        "), request AS ("
+        "  INSERT INTO outbox (event_id, topic, key, payload, created_at, published_at)"
+        "  SELECT gen_random_uuid(), 'lost', user_id::text, jsonb_build_object('payload',"
+        "         jsonb_build_object('order_id', id)), now() - interval '1 hour',"
+        "         now() - interval '1 hour' FROM lost"
+        ") SELECT id::text FROM lost",
         user,
     )
 

@@ -22,6 +22,7 @@ from services.orders.recovery import MAX_REREQUEST_WAIT, MAX_REREQUESTS, rereque
 from tests.conftest import plan_nodes
 
 AFTER = 300.0  # PAYMENT_REREQUEST_AFTER's default
+CONFIG_TOPIC = Config(kafka_topic_prefix="test-recovery.").topic(TOPIC_PAYMENT_REQUESTED)
 
 
 @pytest.fixture
@@ -49,32 +50,44 @@ def order(
     user: uuid.UUID | None = None,
     status: str = "new",
     amount: int = 700,
+    published_s_ago: float | None = None,
 ) -> uuid.UUID:
-    """An order created `age_s` seconds ago whose payment request was published long since."""
-    order_id = uuid7()
+    """An order created `age_s` seconds ago, and its payment request, published at once or
+    `published_s_ago` seconds ago (None: at once)."""
+    order_id, user = uuid7(), user or uuid.uuid4()
+    params = {
+        "id": order_id,
+        "user": user,
+        "amount": amount,
+        "status": status,
+        "reason": "insufficient_funds" if status == "failed" else None,
+        "age": age_s,
+        "published": age_s - 0.01 if published_s_ago is None else published_s_ago,
+    }
     db_.execute(
         "INSERT INTO orders (id, user_id, amount, description, status, reason, created_at,"
         " updated_at) VALUES (%(id)s, %(user)s, %(amount)s, 'lost', %(status)s, %(reason)s,"
-        " clock_timestamp() - make_interval(secs => %(age)s),"
-        " clock_timestamp() - make_interval(secs => %(age)s))",
-        {
-            "id": order_id,
-            "user": user or uuid.uuid4(),
-            "amount": amount,
-            "status": status,
-            "reason": "insufficient_funds" if status == "failed" else None,
-            "age": age_s,
-        },
+        " now() - make_interval(secs => %(age)s), now() - make_interval(secs => %(age)s))",
+        params,
+    )
+    topic = CONFIG_TOPIC
+    row = outbox.row(topic, str(user), payment_requested(order_id, user, amount))
+    db_.execute(
+        "INSERT INTO outbox (event_id, topic, key, payload, headers, created_at, published_at)"
+        " VALUES (%(event_id)s, %(topic)s, %(key)s, %(payload)s, %(headers)s,"
+        " now() - make_interval(secs => %(age)s), now() - make_interval(secs => %(published)s))",
+        {**row, **params},
     )
     return order_id
 
 
 def requested(db_: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
-    """The payment requests in the outbox, oldest first: (order_id, event_id, key, topic,
+    """The payment requests waiting in the outbox (no relay runs here: those asked for
+    again, and any a test left pending), oldest first: (order_id, event_id, key, topic,
     envelope, headers)."""
     return db_.execute(
         "SELECT (payload->'payload'->>'order_id')::uuid, event_id, key, topic, payload, headers"
-        " FROM outbox ORDER BY id"
+        " FROM outbox WHERE published_at IS NULL ORDER BY id"
     ).fetchall()
 
 
@@ -191,15 +204,40 @@ def test_an_order_whose_first_request_is_still_in_the_outbox_is_not_asked_for_ag
         }
     ]
     orders_db.execute(queries.CREATE_ORDERS, queries.create_orders_params(group))
+    waiting = group[0]["id"]
     orders_db.execute(
         "UPDATE orders SET created_at = created_at - interval '1 hour',"
         " updated_at = updated_at - interval '1 hour';"
         "UPDATE outbox SET created_at = created_at - interval '1 hour'"
     )
+    # Another order went out 6 minutes ago (a row Kafka acknowledged behind one it did not):
+    # both wait for the relay to publish the older one.
+    lost = order(orders_db, AFTER + 60)
     assert rerequest_unanswered(pool, config) == 0
 
-    orders_db.execute("UPDATE outbox SET published_at = now()")  # it went out, and was lost
+    # It went out an hour ago: both were lost.
+    orders_db.execute("UPDATE outbox SET published_at = now() - interval '1 hour'")
+    assert rerequest_unanswered(pool, config) == 2
+    assert [r[0] for r in requested(orders_db)] == [waiting, lost]
+
+
+def test_an_order_is_due_after_the_wait_from_when_its_request_was_published(
+    config: Config, pool: ConnectionPool, orders_db: psycopg.Connection[Any]
+) -> None:
+    # Kafka was down for an hour: the order's request waited in the outbox, and went out a
+    # minute ago. Its answer has had a minute, not an hour.
+    order(orders_db, 2 * 3600)  # long published and lost: due
+    late = order(orders_db, 3600, published_s_ago=60)
     assert rerequest_unanswered(pool, config) == 1
+    assert late not in [r[0] for r in requested(orders_db)]
+
+    orders_db.execute(
+        "UPDATE outbox SET published_at = now() - make_interval(secs => %s)"
+        " WHERE payload->'payload'->>'order_id' = %s AND published_at IS NOT NULL",
+        (AFTER + 1, str(late)),
+    )
+    assert rerequest_unanswered(pool, config) == 1
+    assert late in [r[0] for r in requested(orders_db)]
 
 
 def test_with_a_wait_longer_than_an_hour_the_waits_between_requests_are_that_long(
@@ -274,6 +312,9 @@ def test_looking_for_orders_left_new_reads_only_new_orders_through_an_index(
     assert not any(kind == "Seq Scan" for kind, _, _ in scans), scans
     on_orders = [cond for kind, relation, cond in scans if relation == "orders"]
     assert on_orders and all("status = 'new'" in cond for cond in on_orders), scans
-    # Bounded by the time: by the clock, and by the outbox's oldest pending row.
-    assert all("created_at < (now()" in cond for cond in on_orders), scans
+    # Bounded by the time: by the newest row published long enough ago, and by the oldest
+    # pending one, each found through its index.
+    assert all("created_at <= COALESCE(" in cond for cond in on_orders), scans
     assert all("created_at < (COALESCE(" in cond for cond in on_orders), scans
+    on_outbox = [cond for kind, relation, cond in scans if relation == "outbox"]
+    assert any("published_at < (now()" in cond for cond in on_outbox), scans
