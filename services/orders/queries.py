@@ -54,6 +54,9 @@ def create_orders_params(group: Sequence[Mapping[str, Any]]) -> dict[str, list[A
 # row Kafka did not acknowledge stays pending behind published ones), or younger, give or
 # take `margin` (an order's time is read when its statement starts, its row's when the row is
 # inserted). With no row published `after` ago (purged after RETENTION_HOURS), none is due.
+# One case comes early: rows Kafka did not acknowledge while it took newer ones (a partition
+# without a leader) are published late, behind newer rows, and their orders are due at once if
+# that took longer than `after`: asked again needlessly (answered without a second debit).
 # Index range scans of `outbox_published`, `outbox_pending` and `orders_by_status`, bounded
 # by the time (`now()`: the clock of a volatile function cannot bound an index scan).
 UNANSWERED: Final = """

@@ -216,7 +216,9 @@ def test_an_order_whose_first_request_is_still_in_the_outbox_is_not_asked_for_ag
     assert rerequest_unanswered(pool, config) == 0
 
     # It went out an hour ago: both were lost.
-    orders_db.execute("UPDATE outbox SET published_at = now() - interval '1 hour'")
+    # (each at its own time: two rows published at the same instant would leave which one is
+    # the newest to the plan)
+    orders_db.execute("UPDATE outbox SET published_at = created_at")
     assert rerequest_unanswered(pool, config) == 2
     assert [r[0] for r in requested(orders_db)] == [waiting, lost]
 
