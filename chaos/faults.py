@@ -278,14 +278,14 @@ NEW_BEFORE: Final = "SELECT count(*) FROM orders WHERE status = 'new' AND create
 ASKED_AGAIN_SINCE: Final = "SELECT count(*) FROM payment_rerequests WHERE last_requested_at >= %s"
 
 
-def delete_all_records(target: Target, topic: str, timeout: float) -> None:
-    """Delete every record of `topic` up to each partition's end, as retention running out
-    would."""
-    config = target.config
-    admin = kafka.admin(config)  # held until the futures are done: they die with it
+def delete_all_records(
+    target: Target, topic: str, partitions: Iterable[int], timeout: float
+) -> None:
+    """Delete every record of `topic`'s `partitions` up to each one's end, as retention
+    running out would."""
+    admin = kafka.admin(target.config)  # held until the futures are done: they die with it
     futures = admin.delete_records(
-        [TopicPartition(topic, p, OFFSET_END) for p in topics.watermarks(config, topic)],
-        request_timeout=timeout,
+        [TopicPartition(topic, p, OFFSET_END) for p in partitions], request_timeout=timeout
     )
     for future in futures.values():
         future.result(timeout=timeout)
@@ -313,11 +313,11 @@ async def lose_requests(ctx: Context, program: str, seconds: float) -> str:
         before = await asyncio.to_thread(topics.watermarks, config, topic)
         await asyncio.sleep(seconds)
         after = await asyncio.to_thread(topics.watermarks, config, topic)
-        group = next(g for g, t in topics.GROUPS.items() if config.topic(t) == topic)
+        group = next(g for g, t in topics.GROUPS.items() if t == TOPIC_PAYMENT_REQUESTED)
         behind = await asyncio.to_thread(kafka.consumer_lag, config, group, topic)
         # Kafka slow to answer may keep the consumer stopped past its session timeout: its
         # partitions then move (as in pause-consumer), and the records are lost all the same.
-        await asyncio.to_thread(delete_all_records, target, topic, config.kafka_timeout)
+        await asyncio.to_thread(delete_all_records, target, topic, after, config.kafka_timeout)
     cut = (await asyncio.to_thread(query, orders_db, NOW))[0][0]  # after the deletion
     # At least the requests produced while it was stopped were unread; at most those it had not
     # committed (it commits at most every 0.5 s).

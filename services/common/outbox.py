@@ -44,7 +44,7 @@ FROM outbox WHERE published_at IS NULL
 
 
 # Each outbox column, its type, and the parameter that carries it as an array when a
-# statement writes many rows through `unnest` (`arrays`, `UNNEST_ARGS`, `insert_from`).
+# statement writes many rows through `unnest` (`arrays`, `unnest_with`, `insert_from`).
 ARRAY_PARAMS: Final = (
     ("event_id", "uuid", "event_ids"),
     ("topic", "text", "topics"),
@@ -53,8 +53,16 @@ ARRAY_PARAMS: Final = (
     ("headers", "jsonb", "headers"),
 )
 COLUMNS: Final = ", ".join(column for column, _, _ in ARRAY_PARAMS)
-# `unnest`'s arguments for those arrays, in column order.
-UNNEST_ARGS: Final = ", ".join(f"%({param})b::{kind}[]" for _, kind, param in ARRAY_PARAMS)
+
+
+def unnest_with(alias: str, own: Sequence[tuple[str, str, str]]) -> str:
+    """A FROM item: the statement's `own` arrays ((column, type, parameter) each) and then the
+    outbox rows' (`arrays`), unnested side by side into relation `alias`, each row numbered `n`
+    in order (for `insert_from`)."""
+    columns = [*own, *ARRAY_PARAMS]
+    args = ", ".join(f"%({param})b::{kind}[]" for _, kind, param in columns)
+    names = ", ".join(column for column, _, _ in columns)
+    return f"unnest({args}) WITH ORDINALITY AS {alias} ({names}, n)"
 
 
 def arrays(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:

@@ -9,6 +9,14 @@ from services.common import outbox
 
 ORDER_COLUMNS: Final = "id, user_id, amount, description, status, reason, created_at, updated_at"
 
+# The orders' own arrays beside their outbox rows' (`create_orders_params`).
+_ORDER_ARRAYS: Final = (
+    ("id", "uuid", "ids"),
+    ("user_id", "uuid", "user_ids"),
+    ("amount", "bigint", "amounts"),
+    ("description", "text", "descriptions"),
+)
+
 # A group of orders and the events asking for their payment, written by one statement: they
 # commit together or not at all, in one round trip, whatever the group's size (the service's
 # pool is in autocommit). Parameters: one array per column (`create_orders_params`). The outbox
@@ -16,10 +24,7 @@ ORDER_COLUMNS: Final = "id, user_id, amount, description, status, reason, create
 # topic. One clock reading for every timestamp: two column defaults could differ.
 CREATE_ORDERS: Final = f"""
 WITH batch AS (
-    SELECT *
-    FROM unnest(%(ids)b::uuid[], %(user_ids)b::uuid[], %(amounts)b::bigint[],
-                %(descriptions)b::text[], {outbox.UNNEST_ARGS})
-         WITH ORDINALITY AS b (id, user_id, amount, description, {outbox.COLUMNS}, n)
+    SELECT * FROM {outbox.unnest_with("b", _ORDER_ARRAYS)}
 ), moment AS (
     SELECT clock_timestamp() AS t
 ), payment_requested AS (
@@ -78,6 +83,12 @@ ORDER BY o.created_at, o.id
 LIMIT %(limit)s
 """
 
+_REREQUEST_ARRAYS: Final = (
+    ("order_id", "uuid", "order_ids"),
+    ("attempts", "int", "attempts"),
+    ("wait", "float8", "waits"),
+)
+
 # One sweeper asks again at a time; another one finding it busy skips its turn.
 REREQUEST_LOCK: Final = "SELECT pg_try_advisory_xact_lock(hashtext('payment_rerequest'))"
 
@@ -86,10 +97,7 @@ REREQUEST_LOCK: Final = "SELECT pg_try_advisory_xact_lock(hashtext('payment_rere
 # again (`attempts`) and the seconds until the next one is due (`waits`).
 REREQUEST: Final = f"""
 WITH request AS (
-    SELECT *
-    FROM unnest(%(order_ids)b::uuid[], %(attempts)b::int[], %(waits)b::float8[],
-                {outbox.UNNEST_ARGS})
-         WITH ORDINALITY AS r (order_id, attempts, wait, {outbox.COLUMNS}, n)
+    SELECT * FROM {outbox.unnest_with("r", _REREQUEST_ARRAYS)}
 ), counted AS (
     INSERT INTO payment_rerequests (order_id, attempts, last_requested_at, next_request_at)
     SELECT order_id, attempts, now(), now() + make_interval(secs => wait) FROM request

@@ -39,7 +39,7 @@ MAX_REREQUESTS: Final = 10
 def rerequest_unanswered(pool: ConnectionPool, config: Config, limit: int = REREQUEST_BATCH) -> int:
     """Request again the payment of orders left new (`queries.UNANSWERED`), at most `limit`,
     each with a new event; return how many. Nothing when `PAYMENT_REREQUEST_AFTER` is 0 or
-    another sweeper is at it. Also forgets the requests again of orders settled since."""
+    another sweeper is at it."""
     after = config.payment_rerequest_after
     if after <= 0:
         return 0
@@ -48,9 +48,6 @@ def rerequest_unanswered(pool: ConnectionPool, config: Config, limit: int = RERE
         locked = conn.execute(queries.REREQUEST_LOCK).fetchone()
         if not (locked and locked[0]):
             return 0
-        conn.execute(
-            queries.FORGET_REREQUESTS, {"retention_seconds": config.retention_hours * 3600}
-        )
         due = conn.execute(
             queries.UNANSWERED,
             {
@@ -90,3 +87,11 @@ def rerequest_unanswered(pool: ConnectionPool, config: Config, limit: int = RERE
             ", ".join(given_up),
         )
     return len(due)
+
+
+def forget_settled(pool: ConnectionPool, config: Config) -> int:
+    """Delete the requests again of orders settled since, once `RETENTION_HOURS` old (with the
+    purge of old outbox and inbox rows); return how many."""
+    params = {"retention_seconds": config.retention_hours * 3600}
+    with pool.connection() as conn, conn.transaction():
+        return conn.execute(queries.FORGET_REREQUESTS, params).rowcount

@@ -59,12 +59,14 @@ BALANCE_OF_USER: Final = "SELECT id, user_id, balance FROM accounts WHERE user_i
 # gives them) is written by the same statement when, and only when, it debited that request: the
 # common case of a charge is one round trip. Returns the orders it debited; the others take
 # the one-request path (CHARGE_FACTS) to learn why.
+_REQUEST_ARRAYS: Final = (
+    ("order_id", "uuid", "order_ids"),
+    ("user_id", "uuid", "user_ids"),
+    ("amount", "bigint", "amounts"),
+)
 DEBIT: Final = f"""
 WITH request AS (
-    SELECT *
-    FROM unnest(%(order_ids)b::uuid[], %(user_ids)b::uuid[], %(amounts)b::bigint[],
-                {outbox.UNNEST_ARGS})
-         WITH ORDINALITY AS r (order_id, user_id, amount, {outbox.COLUMNS}, n)
+    SELECT * FROM {outbox.unnest_with("r", _REQUEST_ARRAYS)}
 ), debit AS (
     UPDATE accounts
     SET balance = balance - request.amount, updated_at = now()

@@ -18,7 +18,12 @@ from services.common.events import EVENT_ID_HEADER, TOPIC_PAYMENT_REQUESTED, TYP
 from services.common.ids import uuid7
 from services.orders import queries
 from services.orders.domain import payment_requested
-from services.orders.recovery import MAX_REREQUEST_WAIT, MAX_REREQUESTS, rerequest_unanswered
+from services.orders.recovery import (
+    MAX_REREQUEST_WAIT,
+    MAX_REREQUESTS,
+    forget_settled,
+    rerequest_unanswered,
+)
 from tests.conftest import plan_nodes
 
 AFTER = 300.0  # PAYMENT_REREQUEST_AFTER's default
@@ -262,7 +267,7 @@ def test_requests_again_of_orders_settled_since_are_forgotten_after_the_retentio
         " WHERE order_id <> %s",
         ((config.retention_hours + 1) * 3600, recent),
     )
-    rerequest_unanswered(pool, config)
+    assert forget_settled(pool, config) == 1
     kept = orders_db.execute("SELECT order_id FROM payment_rerequests").fetchall()
     assert sorted(kept) == sorted([(recent,), (still_new,)])
 
