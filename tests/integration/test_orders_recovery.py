@@ -159,8 +159,43 @@ def waits(db_: psycopg.Connection[Any], order_id: uuid.UUID) -> tuple[int, float
     return int(row[0]), float(row[1])
 
 
+def published(db_: psycopg.Connection[Any], seconds_ago: float = 0.0) -> None:
+    """The relay publishes every pending row (no relay runs here), `seconds_ago` seconds ago."""
+    db_.execute(
+        "UPDATE outbox SET published_at = now() - make_interval(secs => %s)"
+        " WHERE published_at IS NULL",
+        (seconds_ago,),
+    )
+
+
+def time_passes(db_: psycopg.Connection[Any], seconds: float) -> None:
+    """Every time the tables hold moves `seconds` into the past."""
+    shift = {"s": seconds}
+    for table, columns in (
+        ("orders", ("created_at", "updated_at")),
+        ("outbox", ("created_at", "published_at")),
+        ("payment_rerequests", ("last_requested_at", "next_request_at")),
+    ):
+        moved = ", ".join(f"{c} = {c} - make_interval(secs => %(s)s)" for c in columns)
+        db_.execute(f"UPDATE {table} SET {moved}", shift)
+
+
 def make_due(db_: psycopg.Connection[Any]) -> None:
-    db_.execute("UPDATE payment_rerequests SET next_request_at = now() - interval '1 second'")
+    """The requests asked again went out, and their waits passed unanswered."""
+    published(db_)
+    [(wait,)] = db_.execute(
+        "SELECT max(extract(epoch FROM next_request_at - now())) FROM payment_rerequests"
+    ).fetchall()
+    time_passes(db_, float(wait) + 1)
+
+
+def every_request(db_: psycopg.Connection[Any], order_id: uuid.UUID) -> list[uuid.UUID]:
+    """The event ids of every payment request of `order_id` in the outbox, published or not."""
+    rows = db_.execute(
+        "SELECT event_id FROM outbox WHERE payload->'payload'->>'order_id' = %s ORDER BY id",
+        (str(order_id),),
+    ).fetchall()
+    return [row[0] for row in rows]
 
 
 def test_an_order_is_asked_for_again_after_twice_the_wait_each_time_then_left(
@@ -179,7 +214,7 @@ def test_an_order_is_asked_for_again_after_twice_the_wait_each_time_then_left(
         make_due(orders_db)
         assert rerequest_unanswered(pool, config) == 1
         assert waits(orders_db, lost) == (attempts, wait)
-    assert len({r[1] for r in requested(orders_db)}) == 4  # a new event_id each time
+    assert len(set(every_request(orders_db, lost))) == 5  # the first, and a new one each time
 
     orders_db.execute("UPDATE payment_rerequests SET attempts = %s", (MAX_REREQUESTS - 1,))
     make_due(orders_db)
@@ -188,7 +223,7 @@ def test_an_order_is_asked_for_again_after_twice_the_wait_each_time_then_left(
     assert str(lost) in caplog.text
     make_due(orders_db)
     assert rerequest_unanswered(pool, config) == 0
-    assert len(requested(orders_db)) == 5
+    assert len(every_request(orders_db, lost)) == 6
 
 
 def test_an_order_whose_first_request_is_still_in_the_outbox_is_not_asked_for_again(
@@ -220,6 +255,11 @@ def test_an_order_whose_first_request_is_still_in_the_outbox_is_not_asked_for_ag
     lost = order(orders_db, AFTER + 60)
     assert rerequest_unanswered(pool, config) == 0
 
+    # It went out not quite `after` ago: the order's answer has had less than that, and the
+    # other order still waits behind it.
+    published(orders_db, AFTER - 1)
+    assert rerequest_unanswered(pool, config) == 0
+
     # It went out an hour ago: both were lost.
     # (each at its own time: two rows published at the same instant would leave which one is
     # the newest to the plan)
@@ -245,6 +285,53 @@ def test_an_order_is_due_after_the_wait_from_when_its_request_was_published(
     )
     assert rerequest_unanswered(pool, config) == 1
     assert late in [r[0] for r in requested(orders_db)]
+
+
+def test_orders_from_a_row_kafka_refused_while_it_took_newer_ones_on_wait_from_its_publication(
+    config: Config, pool: ConnectionPool, orders_db: psycopg.Connection[Any]
+) -> None:
+    # A partition without a leader: Kafka refused one order's request while it took newer ones,
+    # and the relay published it a minute ago, behind them. Its answer has had a minute. The
+    # outbox cannot tell whose row that was, so the orders made after it wait as long; the
+    # older one is due.
+    older = order(orders_db, AFTER + 300)
+    late = order(orders_db, AFTER + 200, published_s_ago=60)
+    newer = order(orders_db, AFTER + 100)
+    assert rerequest_unanswered(pool, config) == 1
+    assert [r[0] for r in requested(orders_db)] == [older]
+
+    published(orders_db)
+    time_passes(orders_db, AFTER - 60 + 1)  # the late row went out `after` ago
+    assert rerequest_unanswered(pool, config) == 2
+    assert [r[0] for r in requested(orders_db)] == [late, newer]
+
+
+def test_an_order_asked_for_again_waits_for_that_request_to_go_out(
+    config: Config, pool: ConnectionPool, orders_db: psycopg.Connection[Any]
+) -> None:
+    lost = order(orders_db, AFTER + 60)
+    assert rerequest_unanswered(pool, config) == 1
+    # Kafka went down: the request again waits in the outbox for hours, and the order is not
+    # asked for once more meanwhile, though its next time came long ago.
+    time_passes(orders_db, 3 * MAX_REREQUEST_WAIT)
+    assert rerequest_unanswered(pool, config) == 0
+
+    published(orders_db, AFTER - 1)  # it went out, not quite `after` ago
+    assert rerequest_unanswered(pool, config) == 0
+    time_passes(orders_db, 2)
+    assert rerequest_unanswered(pool, config) == 1
+    assert attempts(orders_db, lost) == 2
+
+
+def test_an_order_whose_request_was_purged_from_the_outbox_long_ago_is_due(
+    config: Config, pool: ConnectionPool, orders_db: psycopg.Connection[Any]
+) -> None:
+    # Published more than RETENTION_HOURS ago, then purged: nothing in the outbox is left to
+    # say it went out, and nothing says it did not.
+    lost = order(orders_db, (config.retention_hours + 1) * 3600)
+    orders_db.execute("DELETE FROM outbox")
+    assert rerequest_unanswered(pool, config) == 1
+    assert [r[0] for r in requested(orders_db)] == [lost]
 
 
 def test_with_a_wait_longer_than_an_hour_the_waits_between_requests_are_that_long(
@@ -302,16 +389,34 @@ def test_nothing_is_asked_for_again_while_another_sweeper_is_at_it_or_when_turne
         assert other.execute(queries.REREQUEST_LOCK).fetchone() == (True,)
 
 
+def settled_history(db_: psycopg.Connection[Any], orders: int = 5000) -> None:
+    """`orders` settled orders, one a second until now, their requests published, and the
+    planner's statistics of them."""
+    db_.execute(
+        "INSERT INTO orders (id, user_id, amount, description, status, created_at, updated_at)"
+        " SELECT gen_random_uuid(), gen_random_uuid(), 100, 'settled', 'paid',"
+        " now() - make_interval(secs => n), now() FROM generate_series(1, %s) n",
+        (orders,),
+    )
+    db_.execute(
+        "INSERT INTO outbox (event_id, topic, key, payload, created_at, published_at)"
+        " SELECT gen_random_uuid(), 't', 'k', '{}', now() - make_interval(secs => n),"
+        " now() - make_interval(secs => n - 0.01) FROM generate_series(1, %s) n",
+        (orders,),
+    )
+    db_.execute("ANALYZE orders")
+    db_.execute("ANALYZE outbox")
+
+
 def test_looking_for_orders_left_new_reads_only_new_orders_through_an_index(
     orders_db: psycopg.Connection[Any],
 ) -> None:
     # It runs every PAYMENT_REREQUEST_INTERVAL against a table of every order ever made.
-    with orders_db.transaction():
-        orders_db.execute("SET LOCAL enable_seqscan = off")
-        [(plan,)] = orders_db.execute(
-            "EXPLAIN (FORMAT JSON) " + queries.UNANSWERED,
-            {"after": AFTER, "margin": 10, "max_requests": MAX_REREQUESTS, "limit": 500},
-        ).fetchall()
+    settled_history(orders_db)
+    [(plan,)] = orders_db.execute(
+        "EXPLAIN (FORMAT JSON) " + queries.UNANSWERED,
+        {"after": AFTER, "margin": 10, "max_requests": MAX_REREQUESTS, "limit": 500},
+    ).fetchall()
     scans = [
         (node["Node Type"], node.get("Relation Name"), node.get("Index Cond", ""))
         for node in plan_nodes(plan)
@@ -319,9 +424,28 @@ def test_looking_for_orders_left_new_reads_only_new_orders_through_an_index(
     assert not any(kind == "Seq Scan" for kind, _, _ in scans), scans
     on_orders = [cond for kind, relation, cond in scans if relation == "orders"]
     assert on_orders and all("status = 'new'" in cond for cond in on_orders), scans
-    # Bounded by the time: by the newest row published long enough ago, and by the oldest
-    # pending one, each found through its index.
-    assert all("created_at <= COALESCE(" in cond for cond in on_orders), scans
+    # Bounded by the time: `after` ago, and the oldest pending row, found through its index;
+    # the rows published since `after` ago are an index range too.
+    assert all("created_at < (now()" in cond for cond in on_orders), scans
     assert all("created_at < (COALESCE(" in cond for cond in on_orders), scans
     on_outbox = [cond for kind, relation, cond in scans if relation == "outbox"]
-    assert any("published_at < (now()" in cond for cond in on_outbox), scans
+    assert any("published_at >= (now()" in cond for cond in on_outbox), scans
+
+
+def test_the_rows_published_lately_are_read_only_once_an_order_may_be_due(
+    orders_db: psycopg.Connection[Any],
+) -> None:
+    # In normal operation no order is new `after` after its creation: the round reads no more
+    # than the orders index and the outbox's oldest pending row.
+    settled_history(orders_db)
+    order(orders_db, AFTER - 30)
+    [(plan,)] = orders_db.execute(
+        "EXPLAIN (ANALYZE, FORMAT JSON) " + queries.UNANSWERED,
+        {"after": AFTER, "margin": 10, "max_requests": MAX_REREQUESTS, "limit": 500},
+    ).fetchall()
+    published_scans = [
+        node
+        for node in plan_nodes(plan)
+        if node.get("Relation Name") == "outbox" and "published_at >=" in node.get("Index Cond", "")
+    ]
+    assert published_scans and all(node["Actual Loops"] == 0 for node in published_scans), plan
