@@ -1,4 +1,5 @@
-"""uvicorn's httptools protocol, writing each response in one piece.
+"""uvicorn's httptools protocol, writing each response in one piece, and answering a request
+it cannot parse with problem+json like every other error.
 
 uvicorn writes a response's status line and headers, then its body: two writes on the socket,
 so two segments on the wire, and on loopback the receiver's whole TCP path runs twice in the
@@ -8,6 +9,10 @@ one step of the event loop are gathered and handed to the socket once, when that
 response's head and body leave together (`just bench-floor`: ~5% less CPU per request in
 client, proxy and upstream together).
 
+uvicorn answers bytes that are not HTTP/1.1 (a broken request line, a bad header, a header
+section too large) itself, before any app sees them, with a plain-text 400; here it is the
+contract's problem+json, and the connection still closes after it.
+
 Every server of the system runs with it:
 `uvicorn --http services.common.http:CoalescingHttpToolsProtocol ...`."""
 
@@ -16,7 +21,19 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Final
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from services.common import fastjson
+from services.common.problems import PROBLEM_MEDIA_TYPE, Problem
+
+MALFORMED_REQUEST: Final = fastjson.dumps(
+    Problem(
+        400,
+        "Malformed HTTP request",
+        "The request could not be read as HTTP/1.1.",
+        "malformed-request",
+    ).to_json()
+)
 
 # Past this many bytes held, a write goes out at once: a large or streamed body still meets
 # the transport's flow control (pause_writing) as soon as it would without the coalescing.
@@ -91,3 +108,16 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         # keeps no half-open connections), so what is held goes out now, not at step's end.
         self.transport.flush()  # type: ignore[attr-defined]
         super().eof_received()
+
+    def send_400_response(self, msg: str) -> None:
+        # uvicorn's own, with a problem+json body instead of its text (`msg`, already logged).
+        head = [STATUS_LINE[400]]
+        for name, value in self.server_state.default_headers:
+            head += [name, b": ", value, b"\r\n"]
+        head += [
+            b"content-type: " + PROBLEM_MEDIA_TYPE.encode() + b"\r\n",
+            b"content-length: " + str(len(MALFORMED_REQUEST)).encode() + b"\r\n",
+            b"connection: close\r\n\r\n",
+        ]
+        self.transport.write(b"".join(head) + MALFORMED_REQUEST)
+        self.transport.close()

@@ -5,6 +5,7 @@ The last tests serve a real Starlette app with uvicorn on the protocol and read 
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -280,3 +281,39 @@ def test_a_client_that_half_closes_after_its_request_still_gets_the_answer(
                 answers.append(received)
     assert all(a.startswith(b"HTTP/1.1 201 Created\r\n") for a in answers), answers[:3]
     assert all(a.endswith(b"\r\n\r\n" + SMALL_BODY) for a in answers)
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"NOT HTTP AT ALL\r\n\r\n",
+        b"GET /small HTTP/1.1\r\nhost: t\r\nbad header\r\n\r\n",
+        b"POST /small HTTP/1.1\r\nhost: t\r\ncontent-length: x\r\n\r\n",
+    ],
+    ids=["request-line", "header", "content-length"],
+)
+def test_a_request_that_is_not_http_gets_problem_json_and_the_connection_closes(
+    request_bytes: bytes,
+) -> None:
+    # uvicorn answers these itself, before the app sees a request: a plain-text 400 of its own.
+    with (
+        serving(APP) as url,
+        socket.create_connection(address(url), timeout=5) as conn,
+    ):
+        conn.sendall(request_bytes)
+        received = b""
+        while chunk := conn.recv(65536):  # until the server closes
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    assert lines[0] == "HTTP/1.1 400 Bad Request"
+    assert headers["content-type"] == "application/problem+json"
+    assert headers["connection"] == "close"
+    assert int(headers["content-length"]) == len(body)
+    assert json.loads(body) == {
+        "type": "/problems/malformed-request",
+        "title": "Malformed HTTP request",
+        "status": 400,
+        "detail": "The request could not be read as HTTP/1.1.",
+    }
