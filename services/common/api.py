@@ -71,6 +71,17 @@ MAX_BODY_BYTES = 64 * 1024
 REQUEST_ID_HEADER = "X-Request-ID"
 # Milliseconds the gateway still waits for this answer when it sent the request (writes only).
 BUDGET_HEADER = "X-Request-Budget-Ms"
+# A client's name for one write (an order, a top-up), sent again with the request when it
+# retries: the service answers the retry with what the first one did, and does it once.
+IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
+IDEMPOTENCY_KEY_SCHEMA: Final[Schema] = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": 255,
+    "pattern": "^[!-~]+$",  # visible ASCII: a UUID, say
+}
+# On an answer to a request whose Idempotency-Key was seen before: "true".
+IDEMPOTENT_REPLAYED_HEADER = "Idempotent-Replayed"
 
 
 @dataclass(frozen=True)
@@ -110,6 +121,8 @@ class Call:
     body: Any
     path: Mapping[str, Any]
     query: Mapping[str, Any]
+    # The endpoint's declared request headers that were sent, by their declared name.
+    headers: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def request_id(self) -> str:
@@ -135,6 +148,9 @@ class Endpoint:
     path_params: Mapping[str, Schema] = field(default_factory=dict)
     query: Mapping[str, Schema] = field(default_factory=dict)
     required_query: frozenset[str] = frozenset()
+    # Optional request headers the handler reads (validated, documented, and forwarded by the
+    # gateway), by name as documented.
+    headers: Mapping[str, Schema] = field(default_factory=dict)
     description: str = ""
 
     def with_handler(self, handler: Handler) -> Endpoint:
@@ -241,6 +257,12 @@ def _route(endpoint: Endpoint) -> Route:
             checked = str(value) if isinstance(value, UUID) else value
             errors.extend(FieldError(name, e.message) for e in validation.check(schema, checked))
             query[name] = value
+        headers: dict[str, str] = {}
+        for name, schema in endpoint.headers.items():
+            text = request.headers.get(name)
+            if text is not None:
+                errors.extend(FieldError(name, e.message) for e in validation.check(schema, text))
+                headers[name] = text
         if errors:
             raise problems.validation_failed(errors)
         body = None
@@ -252,7 +274,8 @@ def _route(endpoint: Endpoint) -> Route:
                 errors.extend(validation.check(endpoint.body, body))
         if errors:
             raise problems.validation_failed(errors)
-        return await endpoint.handler(Call(request=request, body=body, path=path, query=query))
+        call = Call(request=request, body=body, path=path, query=query, headers=headers)
+        return await endpoint.handler(call)
 
     return Route(endpoint.path, serve, methods=[endpoint.method], name=endpoint.operation_id)
 
@@ -266,13 +289,26 @@ def openapi_spec(title: str, description: str, endpoints: Sequence[Endpoint]) ->
     problem_ref = {"$ref": "#/components/schemas/Problem"}
     by_path: dict[str, dict[str, Any]] = {}
     for ep in endpoints:
-        parameters = [
-            {"name": n, "in": "path", "required": True, "schema": dict(s)}
-            for n, s in ep.path_params.items()
-        ] + [
-            {"name": n, "in": "query", "required": n in ep.required_query, "schema": dict(s)}
-            for n, s in ep.query.items()
-        ]
+        parameters = (
+            [
+                {"name": n, "in": "path", "required": True, "schema": dict(s)}
+                for n, s in ep.path_params.items()
+            ]
+            + [
+                {"name": n, "in": "query", "required": n in ep.required_query, "schema": dict(s)}
+                for n, s in ep.query.items()
+            ]
+            + [
+                {
+                    "name": n,
+                    "in": "header",
+                    "required": False,
+                    "schema": {k: v for k, v in s.items() if k != "description"},
+                    **({"description": s["description"]} if "description" in s else {}),
+                }
+                for n, s in ep.headers.items()
+            ]
+        )
         responses: dict[str, Any] = {}
         for status, reply in sorted(ep.responses.items()):
             media = "application/json" if status < 400 else problems.PROBLEM_MEDIA_TYPE

@@ -74,6 +74,18 @@ def payload_too_large(limit: int) -> Problem:
     return Problem(413, "Payload too large", f"Bodies are limited to {limit} bytes.", "too-large")
 
 
+def idempotency_key_reused(what: str, key: str) -> Problem:
+    """A request sent with the `Idempotency-Key` of an earlier one, but not the same request."""
+    return Problem(
+        422,
+        "Idempotency key reused",
+        f"Idempotency-Key {key!r} was sent before with another {what}; a retry must send the"
+        " same request, and a new request a new key.",
+        "idempotency-key-reused",
+        [FieldError("Idempotency-Key", f"names another {what}")],
+    )
+
+
 def not_found(what: str, ident: object) -> Problem:
     return Problem(404, f"{what} not found", f"No {what.lower()} with id {ident}.", "not-found")
 

@@ -82,6 +82,8 @@ def _message_of(error: ValidationError) -> str:
         return f"must be at most {error.validator_value} characters"
     if kind == "minLength":
         return f"must be at least {error.validator_value} characters"
+    if kind == "pattern":
+        return f"must match {error.validator_value}"
     if kind == "format":
         return f"must be a valid {error.validator_value}"
     if kind == "enum":

@@ -43,7 +43,14 @@ _BUDGET_HEADER: Final = BUDGET_HEADER.encode("ascii")
 # A proxy or a restarting service in between may answer these; another try may well succeed.
 RETRYABLE_STATUSES = frozenset({502, 503, 504})
 # What a client of the gateway needs from the service's answer besides status and body.
-PASSED_BACK_HEADERS = ("content-type", "location", "link", "x-next-cursor", "retry-after")
+PASSED_BACK_HEADERS = (
+    "content-type",
+    "location",
+    "link",
+    "x-next-cursor",
+    "retry-after",
+    "idempotent-replayed",
+)
 _PASSED_BACK_RAW = frozenset(name.encode("latin-1") for name in PASSED_BACK_HEADERS)
 # The answer to a HEAD has no body; its Content-Length is the one a GET's body would have.
 _PASSED_BACK_FOR_HEAD = _PASSED_BACK_RAW | {b"content-length"}
@@ -157,8 +164,9 @@ _JSON_BODY: Final = ("Content-Type", "application/json")
 
 def downstream_headers(call: Call) -> bytes:
     """Headers the service needs: the request id (its logs and answers carry it, octet for
-    octet as the client sent it) and, with a body, its media type."""
-    headers = [(REQUEST_ID_HEADER, call.request_id)]
+    octet as the client sent it), with a body its media type, and the request headers the
+    endpoint declares (already validated here)."""
+    headers = [(REQUEST_ID_HEADER, call.request_id), *call.headers.items()]
     if call.body is not None:
         headers.append(_JSON_BODY)
     return http1.header_block(headers)

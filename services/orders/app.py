@@ -15,7 +15,17 @@ from starlette.applications import Starlette
 from starlette.responses import Response
 
 from services.common import outbox, problems
-from services.common.api import BUDGET_HEADER, Call, Endpoint, Handler, Reply, respond
+from services.common.api import (
+    BUDGET_HEADER,
+    IDEMPOTENCY_KEY_HEADER,
+    IDEMPOTENCY_KEY_SCHEMA,
+    IDEMPOTENT_REPLAYED_HEADER,
+    Call,
+    Endpoint,
+    Handler,
+    Reply,
+    respond,
+)
 from services.common.config import Config, load
 from services.common.events import TOPIC_PAYMENT_REQUESTED, FailureReason
 from services.common.ids import uuid7
@@ -160,10 +170,22 @@ async def create_order(call: Call) -> Response:
         key=str(user_id),  # one user's requests share a partition, so they are charged in order
         envelope=payment_requested(order_id, user_id, amount),
     )
-    params = {"id": order_id, "user_id": user_id, "amount": amount, "description": description}
+    key = call.headers.get(IDEMPOTENCY_KEY_HEADER)
+    params = {
+        "id": order_id,
+        "user_id": user_id,
+        "amount": amount,
+        "description": description,
+        "idempotency_key": key,
+    }
     writer: OrderWriter = call.request.app.state.order_writer
     order = _order(await writer.create(params | event_row, _time_left(call)))
-    return respond(order.to_json(), 201, headers={"Location": f"/order/{order.id}"})
+    headers = {"Location": f"/order/{order.id}"}
+    if order.id != order_id:  # the user's order with this key, made by an earlier request
+        if key is None or (order.amount, order.description) != (amount, description):
+            raise problems.idempotency_key_reused("order", key or "")
+        headers[IDEMPOTENT_REPLAYED_HEADER] = "true"
+    return respond(order.to_json(), 201, headers=headers)
 
 
 def _time_left(call: Call) -> float | None:
@@ -238,11 +260,27 @@ async def get_order_status(call: Call) -> Response:
 # --- Declarations ------------------------------------------------------------------------------
 
 _CREATED: Final = Reply(
-    "The order, status new; `Location` names it. Its payment is requested asynchronously.",
+    "The order, status new; `Location` names it. Its payment is requested asynchronously."
+    " Sent again with the same `Idempotency-Key`: the order the first request made, as it is"
+    " now, and `Idempotent-Replayed: true`.",
     ORDER_SCHEMA,
     _EXAMPLE_ORDER,
-    headers=(("Location", "The order's URL: `/order/{id}`.", True),),
+    headers=(
+        ("Location", "The order's URL: `/order/{id}`.", True),
+        (
+            IDEMPOTENT_REPLAYED_HEADER,
+            "`true` when the order was made by an earlier request.",
+            False,
+        ),
+    ),
 )
+_ORDER_KEY: Final[Schema] = {
+    **IDEMPOTENCY_KEY_SCHEMA,
+    "description": "Your name for this order (a UUID, say), 1-255 visible ASCII characters. Send"
+    " the request again with the same key after a timeout, a dropped connection or a 503: you"
+    " get the order the first request made, never a second one. Keys are per user, kept for"
+    " good; the same key with another amount or description is refused (422).",
+}
 _MALFORMED: Final = Reply("The body is not valid JSON.")
 _TOO_LARGE: Final = Reply("The body is over 64 KiB.")
 _MEDIA_TYPE: Final = Reply("The body is not application/json.")
@@ -260,6 +298,7 @@ def _create_endpoint(path: str, operation_id: str, summary: str) -> Endpoint:
         tag=TAG,
         handler=create_order,
         body=CREATE_ORDER_BODY,
+        headers={IDEMPOTENCY_KEY_HEADER: _ORDER_KEY},
         responses={
             201: _CREATED,
             400: _MALFORMED,

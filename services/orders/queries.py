@@ -15,36 +15,55 @@ _ORDER_ARRAYS: Final = (
     ("user_id", "uuid", "user_ids"),
     ("amount", "bigint", "amounts"),
     ("description", "text", "descriptions"),
+    ("idempotency_key", "text", "idempotency_keys"),
 )
 
 # A group of orders and the events asking for their payment, written by one statement: they
 # commit together or not at all, in one round trip, whatever the group's size (the service's
 # pool is in autocommit). Parameters: one array per column (`create_orders_params`). The outbox
 # rows are inserted in the group's order, so each user's requests keep their order on the
-# topic. One clock reading for every timestamp: two column defaults could differ.
+# topic. One clock reading for every timestamp: two column defaults could differ. An order
+# whose user already has an order with its idempotency key (or an order before it in the
+# group) is not written, nor is its payment request: it is not returned (`KEYED_ORDERS` finds
+# the order that has the key).
 CREATE_ORDERS: Final = f"""
 WITH batch AS (
     SELECT * FROM {outbox.unnest_with("b", _ORDER_ARRAYS)}
 ), moment AS (
     SELECT clock_timestamp() AS t
+), created AS (
+    INSERT INTO orders (id, user_id, amount, description, idempotency_key, created_at,
+                        updated_at)
+    SELECT id, user_id, amount, description, idempotency_key, moment.t, moment.t
+    FROM batch, moment
+    ORDER BY n
+    ON CONFLICT (user_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING {ORDER_COLUMNS}
 ), payment_requested AS (
-    {outbox.insert_from("batch")}
+    {outbox.insert_from("(SELECT * FROM batch WHERE id IN (SELECT id FROM created)) AS b")}
 )
-INSERT INTO orders (id, user_id, amount, description, created_at, updated_at)
-SELECT id, user_id, amount, description, moment.t, moment.t
-FROM batch, moment
-RETURNING {ORDER_COLUMNS}
+SELECT {ORDER_COLUMNS} FROM created
+"""
+
+# The orders that hold these users' idempotency keys (`user_ids` and `keys`, pairwise), with
+# each key.
+KEYED_ORDERS: Final = f"""
+SELECT {ORDER_COLUMNS}, idempotency_key FROM orders
+WHERE (user_id, idempotency_key) IN (
+    SELECT * FROM unnest(%(user_ids)s::uuid[], %(keys)s::text[]))
 """
 
 
 def create_orders_params(group: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
-    """`CREATE_ORDERS`'s parameters for `group`: each order's `id`, `user_id`, `amount` and
-    `description`, with its payment request's `outbox.row(...)`."""
+    """`CREATE_ORDERS`'s parameters for `group`: each order's `id`, `user_id`, `amount`,
+    `description` and `idempotency_key` (None without one), with its payment request's
+    `outbox.row(...)`."""
     return {
         "ids": [order["id"] for order in group],
         "user_ids": [order["user_id"] for order in group],
         "amounts": [order["amount"] for order in group],
         "descriptions": [order["description"] for order in group],
+        "idempotency_keys": [order.get("idempotency_key") for order in group],
         **outbox.arrays(group),
     }
 

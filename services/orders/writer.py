@@ -170,9 +170,23 @@ class OrderWriter:
                 one.future.set_result(row)
 
     async def _insert(self, batch: list[dict[str, Any]]) -> list[Row]:
+        """Each order's row: the one written, or for an order whose idempotency key its user
+        already gave an order (earlier, or earlier in this batch), that order's row."""
         async with self._pool.connection() as conn:
             cursor = await conn.execute(queries.CREATE_ORDERS, queries.create_orders_params(batch))
             rows = {row[0]: row for row in await cursor.fetchall()}
+            keyed = [params for params in batch if params["id"] not in rows]
+            if keyed:
+                cursor = await conn.execute(
+                    queries.KEYED_ORDERS,
+                    {
+                        "user_ids": [params["user_id"] for params in keyed],
+                        "keys": [params["idempotency_key"] for params in keyed],
+                    },
+                )
+                holders = {(row[1], row[-1]): row[:-1] for row in await cursor.fetchall()}
+                for params in keyed:
+                    rows[params["id"]] = holders[params["user_id"], params["idempotency_key"]]
         return [rows[params["id"]] for params in batch]
 
 

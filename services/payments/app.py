@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from typing import Any, Final
 
 import psycopg
@@ -12,7 +13,16 @@ from starlette.applications import Starlette
 from starlette.responses import Response
 
 from services.common import problems
-from services.common.api import PROBLEM_SCHEMA, Call, Endpoint, Reply, respond
+from services.common.api import (
+    IDEMPOTENCY_KEY_HEADER,
+    IDEMPOTENCY_KEY_SCHEMA,
+    IDEMPOTENT_REPLAYED_HEADER,
+    PROBLEM_SCHEMA,
+    Call,
+    Endpoint,
+    Reply,
+    respond,
+)
 from services.common.config import Config, load
 from services.common.problems import FieldError, Problem
 from services.common.service import create_service_app, pool_of
@@ -46,6 +56,24 @@ DEPOSIT_BODY: Final[Schema] = {
     },
     "additionalProperties": False,
 }
+
+# A client's name for a top-up, so that sending it again credits once.
+TOP_UP_KEY: Final[Schema] = {
+    **IDEMPOTENCY_KEY_SCHEMA,
+    "description": "Your name for this top-up (a UUID, say), 1-255 visible ASCII characters."
+    " Send the request again with the same key after a timeout, a dropped connection or a 503:"
+    " the account is credited once. Keys are per account, kept for good; the same key with"
+    " another amount is refused (422).",
+}
+TOPPED_UP: Final = (
+    "The new balance. Sent again with the same `Idempotency-Key`: nothing credited, the balance"
+    " as it is now, and `Idempotent-Replayed: true`."
+)
+REPLAYED: Final = (
+    IDEMPOTENT_REPLAYED_HEADER,
+    "`true` when an earlier request with this key made the top-up.",
+    False,
+)
 
 # Response bodies.
 BALANCE_SCHEMA: Final[Schema] = {"type": "integer", "minimum": 0, "description": "Minor units."}
@@ -159,21 +187,54 @@ async def fetch_account(call: Call, query: str, params: dict[str, Any]) -> tuple
         return await (await conn.execute(query, params)).fetchone()
 
 
-async def credit(call: Call, query: str, params: dict[str, Any]) -> tuple[Any, ...] | None:
-    """Run a top-up statement; a balance past BIGINT is the client's error, not ours."""
+@dataclass(frozen=True)
+class Credited:
+    """A top-up's answer: the account (account_id, user_id, balance), and whether an earlier
+    request with the same Idempotency-Key made the top-up (nothing credited this time)."""
+
+    account: tuple[Any, ...]
+    replayed: bool = False
+
+    def headers(self) -> dict[str, str]:
+        return {IDEMPOTENT_REPLAYED_HEADER: "true"} if self.replayed else {}
+
+
+async def credit(
+    call: Call, query: str, account_id: uuid.UUID | None, user_id: uuid.UUID | None
+) -> Credited | None:
+    """Run a top-up statement for the account `account_id` or `user_id` names; None when there
+    is no such account. A balance past BIGINT is the client's error, not ours."""
+    amount: int = call.body["amount"]
+    key = call.headers.get(IDEMPOTENCY_KEY_HEADER)
+    params = {
+        "account_id": account_id,
+        "user_id": user_id,
+        "amount": amount,
+        "idempotency_key": key,
+    }
     try:
-        return await fetch_account(call, query, params)
+        row = await fetch_account(call, query, params)
     except psycopg.errors.NumericValueOutOfRange as exc:
         raise balance_limit_exceeded() from exc
+    if row is not None:
+        return Credited(row)
+    if key is None:
+        return None
+    found = await fetch_account(call, queries.KEYED_TOP_UP, params)
+    if found is None:
+        return None
+    if found[3] != amount:  # the key names another top-up of this account
+        raise problems.idempotency_key_reused("top-up", key)
+    return Credited(found[:3], replayed=True)
 
 
 async def top_up(call: Call) -> Response:
     account_id = uuid.UUID(call.body["account_id"])
-    params = {"account_id": account_id, "amount": call.body["amount"]}
-    row = await credit(call, queries.TOP_UP_ACCOUNT, params)
-    if row is None:
+    credited = await credit(call, queries.TOP_UP_ACCOUNT, account_id, None)
+    if credited is None:
         raise problems.not_found("Account", account_id)
-    return respond({"account_id": row[0], "balance": row[2]})
+    row = credited.account
+    return respond({"account_id": row[0], "balance": row[2]}, headers=credited.headers())
 
 
 async def deposit(call: Call) -> Response:
@@ -183,12 +244,13 @@ async def deposit(call: Call) -> Response:
         raise problems.validation_failed(
             [FieldError("user_id", "must equal the user id in the path")]
         )
-    row = await credit(
-        call, queries.TOP_UP_USER, {"user_id": user_id, "amount": call.body["amount"]}
-    )
-    if row is None:
+    credited = await credit(call, queries.TOP_UP_USER, None, user_id)
+    if credited is None:
         raise no_account_of_user(user_id)
-    return respond({"account_id": row[0], "user_id": row[1], "balance": row[2]})
+    row = credited.account
+    return respond(
+        {"account_id": row[0], "user_id": row[1], "balance": row[2]}, headers=credited.headers()
+    )
 
 
 async def balance_of_account(call: Call) -> Response:
@@ -248,8 +310,9 @@ ENDPOINTS: Final[list[Endpoint]] = [
         TAG,
         top_up,
         body=TOP_UP_BODY,
+        headers={IDEMPOTENCY_KEY_HEADER: TOP_UP_KEY},
         responses={
-            200: Reply("The new balance.", ACCOUNT_BALANCE),
+            200: Reply(TOPPED_UP, ACCOUNT_BALANCE, headers=(REPLAYED,)),
             404: NOT_FOUND,
             503: UNAVAILABLE,
             **BODY_ERRORS,
@@ -264,8 +327,9 @@ ENDPOINTS: Final[list[Endpoint]] = [
         deposit,
         body=DEPOSIT_BODY,
         path_params={"user_id": UUID_SCHEMA},
+        headers={IDEMPOTENCY_KEY_HEADER: TOP_UP_KEY},
         responses={
-            200: Reply("The new balance.", USER_BALANCE),
+            200: Reply(TOPPED_UP, USER_BALANCE, headers=(REPLAYED,)),
             404: NOT_FOUND,
             503: UNAVAILABLE,
             **BODY_ERRORS,

@@ -20,31 +20,38 @@ RETURNING id, user_id, balance, created_at
 
 ACCOUNT_OF_USER: Final = "SELECT id FROM accounts WHERE user_id = %(user_id)s"
 
-# Data-modifying CTEs always run to completion, so the ledger row is written with the credit.
-TOP_UP_ACCOUNT: Final = """
-WITH credited AS (
-    UPDATE accounts
-    SET balance = balance + %(amount)s, updated_at = now()
-    WHERE id = %(account_id)s
-    RETURNING id, user_id, balance
-), entry AS (
-    INSERT INTO ledger (account_id, kind, amount)
-    SELECT id, 'top_up', %(amount)s FROM credited
+
+def _top_up(account: str) -> str:
+    """Credit `amount` to the account `account` names and write its ledger row, with the
+    client's `idempotency_key` (None without one), in one statement; answers (account_id,
+    user_id, balance). Nothing when there is no such account, or when the account already has
+    a top-up with this key (a concurrent one included: the insert waits for it): the caller
+    then looks up which (`KEYED_TOP_UP`, a statement of its own, which sees what that one
+    committed). The ledger row goes first so that a repeated key credits nothing."""
+    return f"""
+WITH entry AS (
+    INSERT INTO ledger (account_id, kind, amount, idempotency_key)
+    SELECT id, 'top_up', %(amount)s, %(idempotency_key)s FROM accounts WHERE {account}
+    ON CONFLICT (account_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING account_id
 )
-SELECT id, user_id, balance FROM credited
+UPDATE accounts
+SET balance = balance + %(amount)s, updated_at = now()
+WHERE id = (SELECT account_id FROM entry)
+RETURNING id, user_id, balance
 """
 
-TOP_UP_USER: Final = """
-WITH credited AS (
-    UPDATE accounts
-    SET balance = balance + %(amount)s, updated_at = now()
-    WHERE user_id = %(user_id)s
-    RETURNING id, user_id, balance
-), entry AS (
-    INSERT INTO ledger (account_id, kind, amount)
-    SELECT id, 'top_up', %(amount)s FROM credited
-)
-SELECT id, user_id, balance FROM credited
+
+TOP_UP_ACCOUNT: Final = _top_up("id = %(account_id)s")
+TOP_UP_USER: Final = _top_up("user_id = %(user_id)s")
+
+# The account (as `TOP_UP_*` answer it) and the amount of its top-up with `idempotency_key`
+# (None when it has none), for the account `id` or `user_id` names (the other one None).
+KEYED_TOP_UP: Final = """
+SELECT a.id, a.user_id, a.balance, l.amount
+FROM accounts a
+LEFT JOIN ledger l ON l.account_id = a.id AND l.idempotency_key = %(idempotency_key)s
+WHERE a.id = %(account_id)s OR a.user_id = %(user_id)s
 """
 
 BALANCE_OF_ACCOUNT: Final = "SELECT id, user_id, balance FROM accounts WHERE id = %(account_id)s"

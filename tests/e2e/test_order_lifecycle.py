@@ -91,3 +91,45 @@ def test_a_burst_of_1000_orders_over_20_users_all_end_terminal_and_money_is_cons
         assert balance == top_ups - debited >= 0
     total_top_ups = sum(r[2] for r in rows)
     assert sum(r[1] for r in rows) + sum(amounts[o] for o in paid) == total_top_ups
+
+
+def test_an_order_and_a_top_up_retried_with_their_idempotency_keys_are_made_and_charged_once(
+    system: System,
+) -> None:
+    # A client that lost the answers (a timeout, a dropped connection) sends the same requests
+    # again, some of them while the first is still in flight.
+    account = system.http.post(f"{system.gateway}/accounts/create").json()["account_id"]
+    credit, order = {"Idempotency-Key": str(uuid.uuid4())}, {"Idempotency-Key": str(uuid.uuid4())}
+
+    def top_up(_: int) -> int:
+        answer = system.http.post(
+            f"{system.gateway}/accounts/top_up",
+            json={"account_id": account, "amount": 1_000},
+            headers=credit,
+        )
+        assert answer.status_code == 200, answer.text
+        return int(answer.json()["balance"])
+
+    def place(_: int) -> str:
+        answer = system.http.post(
+            f"{system.gateway}/orders/create",
+            json={"user_id": account, "amount": 300, "description": "retried"},
+            headers=order,
+        )
+        assert answer.status_code == 201, answer.text
+        return str(answer.json()["id"])
+
+    with ThreadPoolExecutor(max_workers=5) as pool:
+        assert set(pool.map(top_up, range(5))) == {1_000}
+        ids = set(pool.map(place, range(5)))
+    assert len(ids) == 1
+    (order_id,) = ids
+    assert system.wait_terminal([order_id])[order_id] == ("paid", None)
+    assert place(0) == order_id  # once paid, too
+
+    assert system.balance(account) == 700
+    ledger = system.payments_sql(
+        "SELECT kind, amount FROM ledger WHERE account_id = %s ORDER BY id", account
+    )
+    assert ledger == [("top_up", 1_000), ("debit", 300)]
+    assert system.orders_sql("SELECT count(*) FROM orders WHERE user_id = %s", account) == [(1,)]

@@ -458,6 +458,45 @@ def test_a_request_the_gateway_rejects_still_carries_its_id_and_never_reaches_a_
     assert len(services.orders.request_ids) == seen
 
 
+# --- Idempotency keys --------------------------------------------------------------------------
+
+
+def test_an_order_and_a_top_up_sent_again_with_their_keys_are_made_once_through_the_gateway(
+    gateway: TestClient, orders_db: psycopg.Connection[Any], payments_db: psycopg.Connection[Any]
+) -> None:
+    user = open_account(gateway)["user_id"]
+    order = {"user_id": user, "amount": 40, "description": "once"}
+    credit = {"account_id": user, "amount": 90}
+    key = {"Idempotency-Key": str(uuid.uuid4())}
+
+    orders = [gateway.post("/orders/create", json=order, headers=key) for _ in range(3)]
+    credits = [gateway.post("/accounts/top_up", json=credit, headers=key) for _ in range(3)]
+
+    assert [r.status_code for r in orders] == [201] * 3
+    assert len({r.json()["id"] for r in orders}) == 1
+    assert [r.headers.get("idempotent-replayed") for r in orders] == [None, "true", "true"]
+    assert [r.json()["balance"] for r in credits] == [90] * 3
+    assert [r.headers.get("idempotent-replayed") for r in credits] == [None, "true", "true"]
+    assert orders_db.execute("SELECT count(*) FROM orders").fetchone() == (1,)
+    assert payments_db.execute("SELECT count(*) FROM ledger").fetchone() == (1,)
+    reused = gateway.post("/orders/create", json=order | {"amount": 41}, headers=key)
+    assert assert_problem(reused, 422)["type"] == "/problems/idempotency-key-reused"
+
+
+def test_a_malformed_idempotency_key_is_refused_by_the_gateway(
+    gateway: TestClient, services: Services
+) -> None:
+    seen = len(services.orders.request_ids)
+    user = str(uuid.uuid4())
+    body = {"user_id": user, "amount": 40, "description": "x"}
+
+    response = gateway.post("/orders/create", json=body, headers={"Idempotency-Key": "a b"})
+
+    problem = assert_problem(response, 422)
+    assert [error["field"] for error in problem["errors"]] == ["Idempotency-Key"]
+    assert len(services.orders.request_ids) == seen
+
+
 # --- Services down or silent -------------------------------------------------------------------
 
 

@@ -13,6 +13,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from services.common import outbox
 from services.common.ids import uuid7
+from services.orders import queries
 from services.orders.domain import payment_requested
 from services.orders.writer import OrderWriter
 
@@ -254,3 +255,41 @@ def test_a_failure_outside_the_insert_fails_its_callers_and_the_writer_goes_on(
     first, row = asyncio.run(run())
     assert isinstance(first, RuntimeError)  # answered (500), not left waiting
     assert row is not None  # the next order is written as usual
+
+
+def keyed(user_id: uuid.UUID, key: str | None) -> dict[str, Any]:
+    params = order_params()
+    envelope = payment_requested(params["id"], user_id, 100)
+    row = outbox.row("orders.payment-requested", str(user_id), envelope)
+    return params | row | {"user_id": user_id, "idempotency_key": key}
+
+
+def test_one_statement_writes_one_order_per_user_and_idempotency_key(
+    orders_db: psycopg.Connection[Any],
+) -> None:
+    me, them = uuid.uuid4(), uuid.uuid4()
+    group = [keyed(me, "k"), keyed(me, "k"), keyed(them, "k"), keyed(me, None), keyed(me, None)]
+
+    rows = orders_db.execute(queries.CREATE_ORDERS, queries.create_orders_params(group)).fetchall()
+
+    written = [group[i]["id"] for i in (0, 2, 3, 4)]  # the first with the key, and no other
+    assert sorted(row[0] for row in rows) == sorted(written)
+    events = orders_db.execute(
+        "SELECT (payload->'payload'->>'order_id')::uuid FROM outbox ORDER BY id"
+    ).fetchall()
+    assert [row[0] for row in events] == written  # their requests only, in the group's order
+
+
+def test_the_writer_answers_a_repeated_idempotency_key_with_the_order_that_has_it(
+    orders_url: str, orders_db: psycopg.Connection[Any]
+) -> None:
+    me = uuid.uuid4()
+    (first,) = asyncio.run(create_all(orders_url, [keyed(me, "k")]))
+    # Later, and several at once (one batch): each the first one's row.
+    batch = [keyed(me, "k"), keyed(me, "other"), keyed(me, "k"), keyed(me, "other")]
+
+    rows = asyncio.run(create_all(orders_url, batch))
+
+    assert [row[0] for row in rows] == [first[0], batch[1]["id"], first[0], batch[1]["id"]]
+    assert orders_db.execute("SELECT count(*) FROM orders").fetchone() == (2,)
+    assert orders_db.execute("SELECT count(*) FROM outbox").fetchone() == (2,)

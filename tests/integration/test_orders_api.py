@@ -239,6 +239,106 @@ def test_unreadable_requests_are_refused_and_write_nothing(
     assert row_counts(orders_db) == (0, 0)
 
 
+# --- Idempotency keys ---------------------------------------------------------------------------
+
+
+def create_keyed(client: TestClient, key: str, **changes: Any) -> Any:
+    return client.post(
+        "/orders/create", json=order_body(**changes), headers={"Idempotency-Key": key}
+    )
+
+
+@pytest.mark.parametrize("path", ["/orders/create", "/orders"])
+def test_an_order_sent_again_with_its_idempotency_key_is_the_first_one_and_not_written_again(
+    client: TestClient, orders_db: psycopg.Connection[Any], path: str
+) -> None:
+    key = str(uuid.uuid4())
+    first = client.post(path, json=order_body(amount=321), headers={"Idempotency-Key": key})
+    assert first.status_code == 201, first.text
+    assert "idempotent-replayed" not in first.headers
+    orders_db.execute("UPDATE orders SET status = 'paid' WHERE id = %s", (first.json()["id"],))
+
+    again = client.post(path, json=order_body(amount=321), headers={"Idempotency-Key": key})
+
+    assert again.status_code == 201, again.text
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.headers["location"] == first.headers["location"]
+    assert again.json() == first.json() | {"status": "paid"}  # as it is now
+    assert row_counts(orders_db) == (1, 1)  # one order, one payment request
+
+
+def test_an_idempotency_key_belongs_to_its_user_and_orders_without_one_are_all_written(
+    client: TestClient, orders_db: psycopg.Connection[Any]
+) -> None:
+    mine = create_keyed(client, "k").json()
+    theirs = create_keyed(client, "k", user_id=str(uuid.uuid4())).json()
+    plain = [create(client), create(client)]
+
+    assert len({mine["id"], theirs["id"], *(order["id"] for order in plain)}) == 4
+    assert row_counts(orders_db) == (4, 4)
+
+
+@pytest.mark.parametrize(
+    "changes", [{"amount": 322}, {"description": "another"}], ids=["amount", "description"]
+)
+def test_an_idempotency_key_sent_with_another_order_is_422_and_writes_nothing(
+    client: TestClient, orders_db: psycopg.Connection[Any], changes: dict[str, Any]
+) -> None:
+    first = create_keyed(client, "k", amount=321, description="first").json()
+
+    response = create_keyed(client, "k", **({"amount": 321, "description": "first"} | changes))
+
+    assert_problem(response, 422, "Idempotency-Key")
+    assert response.json()["type"] == "/problems/idempotency-key-reused"
+    assert row_counts(orders_db) == (1, 1)
+    assert client.get(f"/order/{first['id']}").json() == first
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["", " ", "with space", "x" * 256, "ключ", "tab\there"],
+    ids=["empty", "blank", "space", "256 chars", "not ascii", "tab"],
+)
+def test_a_malformed_idempotency_key_is_422_and_writes_nothing(
+    client: TestClient, orders_db: psycopg.Connection[Any], key: str
+) -> None:
+    response = client.post(
+        "/orders/create",
+        content=json.dumps(order_body()).encode(),
+        headers=[(b"content-type", b"application/json"), (b"idempotency-key", key.encode())],
+    )
+
+    assert_problem(response, 422, "Idempotency-Key")
+    assert row_counts(orders_db) == (0, 0)
+
+
+def test_the_longest_idempotency_key_is_taken(client: TestClient) -> None:
+    key = "~" * 255
+    assert create_keyed(client, key).json()["id"] == create_keyed(client, key).json()["id"]
+
+
+def test_concurrent_requests_with_one_idempotency_key_make_one_order(
+    client: TestClient, orders_db: psycopg.Connection[Any]
+) -> None:
+    answers: list[Any] = []
+    start = threading.Barrier(12)
+
+    def send() -> None:
+        start.wait()
+        answers.append(create_keyed(client, "at-once", amount=5))
+
+    threads = [threading.Thread(target=send) for _ in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert [a.status_code for a in answers] == [201] * 12
+    assert len({a.json()["id"] for a in answers}) == 1
+    assert sorted(a.headers.get("idempotent-replayed", "") for a in answers) == [""] + ["true"] * 11
+    assert row_counts(orders_db) == (1, 1)
+
+
 @pytest.mark.parametrize(
     ("budget", "status", "written"),
     [

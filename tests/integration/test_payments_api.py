@@ -5,6 +5,7 @@ every test each account's balance must equal what its ledger adds up to."""
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 from collections.abc import Iterator
@@ -345,7 +346,8 @@ def test_a_top_up_that_would_overflow_the_balance_is_422_not_500(
     account_id = open_account(client)["account_id"]
     # Through the service's own statement, so the ledger stays in step with the balance.
     payments_db.execute(
-        queries.TOP_UP_ACCOUNT, {"account_id": account_id, "amount": BIGINT_MAX - 10}
+        queries.TOP_UP_ACCOUNT,
+        {"account_id": account_id, "amount": BIGINT_MAX - 10, "idempotency_key": None},
     )
     before = snapshot(payments_db)
 
@@ -557,3 +559,123 @@ def test_an_optional_body_sent_as_json_null_is_422_and_opens_no_account(
     assert answer.status_code == 422
     assert answer.headers["content-type"] == "application/problem+json"
     assert payments_db.execute("SELECT count(*) FROM accounts").fetchone() == (0,)
+
+
+# --- Idempotency keys ----------------------------------------------------------------------------
+
+
+def keyed_top_up(client: TestClient, account_id: str, amount: int, key: str) -> Any:
+    return client.post(
+        "/accounts/top_up",
+        json={"account_id": account_id, "amount": amount},
+        headers={"Idempotency-Key": key},
+    )
+
+
+def ledger_rows(db: psycopg.Connection[Any], account_id: str) -> list[tuple[Any, ...]]:
+    return db.execute(
+        "SELECT kind, amount, idempotency_key FROM ledger WHERE account_id = %s ORDER BY id",
+        (account_id,),
+    ).fetchall()
+
+
+def test_a_top_up_sent_again_with_its_idempotency_key_credits_once(
+    client: TestClient, payments_db: psycopg.Connection[Any]
+) -> None:
+    account = open_account(client)["account_id"]
+    first = keyed_top_up(client, account, 500, "t-1")
+    assert first.status_code == 200, first.text
+    assert first.json() == {"account_id": account, "balance": 500}
+    assert "idempotent-replayed" not in first.headers
+    top_up(client, account, 7)  # without a key: always credited
+
+    again = keyed_top_up(client, account, 500, "t-1")
+    by_user = client.post(
+        f"/accounts/{account}/deposit", json={"amount": 500}, headers={"Idempotency-Key": "t-1"}
+    )
+
+    assert again.status_code == by_user.status_code == 200
+    assert again.headers["idempotent-replayed"] == by_user.headers["idempotent-replayed"] == "true"
+    assert again.json() == {"account_id": account, "balance": 507}  # as it is now
+    assert by_user.json() == {"account_id": account, "user_id": account, "balance": 507}
+    assert ledger_rows(payments_db, account) == [("top_up", 500, "t-1"), ("top_up", 7, None)]
+
+
+def test_an_idempotency_key_belongs_to_its_account(
+    client: TestClient, payments_db: psycopg.Connection[Any]
+) -> None:
+    mine, theirs = (open_account(client)["account_id"] for _ in range(2))
+    assert keyed_top_up(client, mine, 100, "k").json()["balance"] == 100
+    assert keyed_top_up(client, theirs, 100, "k").json()["balance"] == 100
+    assert ledger_rows(payments_db, theirs) == [("top_up", 100, "k")]
+
+
+def test_an_idempotency_key_sent_with_another_amount_is_422_and_changes_nothing(
+    client: TestClient, payments_db: psycopg.Connection[Any]
+) -> None:
+    account = open_account(client)["account_id"]
+    keyed_top_up(client, account, 100, "k")
+    before = snapshot(payments_db)
+
+    for response in (
+        keyed_top_up(client, account, 101, "k"),
+        client.post(
+            f"/accounts/{account}/deposit", json={"amount": 99}, headers={"Idempotency-Key": "k"}
+        ),
+    ):
+        problem = assert_problem(response, 422)
+        assert problem["type"] == "/problems/idempotency-key-reused"
+        assert problem["errors"] == [
+            {"field": "Idempotency-Key", "message": "names another top-up"}
+        ]
+    assert snapshot(payments_db) == before
+
+
+@pytest.mark.parametrize(
+    "key", ["", "a b", "x" * 256, "ключ"], ids=["empty", "space", "256", "utf8"]
+)
+def test_a_malformed_idempotency_key_is_422_and_changes_nothing(
+    client: TestClient, payments_db: psycopg.Connection[Any], key: str
+) -> None:
+    account = open_account(client)["account_id"]
+    before = snapshot(payments_db)
+
+    response = client.post(
+        "/accounts/top_up",
+        content=json.dumps({"account_id": account, "amount": 5}).encode(),
+        headers=[(b"content-type", b"application/json"), (b"idempotency-key", key.encode())],
+    )
+
+    problem = assert_problem(response, 422)
+    assert [error["field"] for error in problem["errors"]] == ["Idempotency-Key"]
+    assert snapshot(payments_db) == before
+
+
+def test_a_keyed_top_up_of_an_unknown_account_is_404(
+    client: TestClient, payments_db: psycopg.Connection[Any]
+) -> None:
+    assert_problem(keyed_top_up(client, str(uuid.uuid4()), 5, "k"), 404)
+    assert snapshot(payments_db) == ([], [])
+
+
+def test_concurrent_top_ups_with_one_idempotency_key_credit_once(
+    client: TestClient, payments_db: psycopg.Connection[Any]
+) -> None:
+    account = open_account(client)["account_id"]
+    start = threading.Barrier(10)
+    answers: list[Any] = []
+
+    def send() -> None:
+        start.wait()
+        answers.append(keyed_top_up(client, account, 250, "at-once"))
+
+    threads = [threading.Thread(target=send) for _ in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert [a.status_code for a in answers] == [200] * 10
+    assert {a.json()["balance"] for a in answers} == {250}
+    assert sorted(a.headers.get("idempotent-replayed", "") for a in answers) == [""] + ["true"] * 9
+    assert ledger_rows(payments_db, account) == [("top_up", 250, "at-once")]

@@ -62,7 +62,10 @@ def open_account(conn: psycopg.Connection[Any], balance: int = 0) -> uuid.UUID:
     ids = new_account(None)
     conn.execute(queries.CREATE_ACCOUNT, {"account_id": ids.account_id, "user_id": ids.user_id})
     if balance:
-        conn.execute(queries.TOP_UP_USER, {"user_id": ids.user_id, "amount": balance})
+        conn.execute(
+            queries.TOP_UP_USER,
+            {"user_id": ids.user_id, "amount": balance, "idempotency_key": None},
+        )
     return ids.user_id
 
 
@@ -359,7 +362,9 @@ def test_a_declined_order_stays_declined_when_redelivered_after_a_top_up(
     user_id = open_account(payments_db, balance=10)
     order_id = request_payment(payments_db, config, user_id, 50)
     apply(payments_db, handler)
-    payments_db.execute(queries.TOP_UP_USER, {"user_id": user_id, "amount": 100})
+    payments_db.execute(
+        queries.TOP_UP_USER, {"user_id": user_id, "amount": 100, "idempotency_key": None}
+    )
 
     request_payment(payments_db, config, user_id, 50, order_id=order_id)
     apply(payments_db, handler)
@@ -378,7 +383,9 @@ def test_an_order_declined_for_a_missing_account_stays_declined_once_it_exists(
     payments_db.execute(
         queries.CREATE_ACCOUNT, {"account_id": ids.account_id, "user_id": ids.user_id}
     )
-    payments_db.execute(queries.TOP_UP_USER, {"user_id": ids.user_id, "amount": 100})
+    payments_db.execute(
+        queries.TOP_UP_USER, {"user_id": ids.user_id, "amount": 100, "idempotency_key": None}
+    )
 
     request_payment(payments_db, config, ids.user_id, 5, order_id=order_id)
     apply(payments_db, handler)
@@ -426,7 +433,9 @@ def test_concurrent_top_ups_and_charges_lose_no_update(
     def top_up(amount: int) -> None:
         with psycopg.connect(payments_url, autocommit=True) as conn:
             start.wait(timeout=60)
-            conn.execute(queries.TOP_UP_USER, {"user_id": user_id, "amount": amount})
+            conn.execute(
+                queries.TOP_UP_USER, {"user_id": user_id, "amount": amount, "idempotency_key": None}
+            )
 
     def charge(_: int) -> None:
         with psycopg.connect(payments_url, autocommit=True) as conn:

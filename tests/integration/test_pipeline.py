@@ -273,7 +273,10 @@ def funded_user(payments_db: psycopg.Connection[Any], amount: int) -> uuid.UUID:
     payments_db.execute(
         payments_queries.CREATE_ACCOUNT, {"account_id": ids.account_id, "user_id": ids.user_id}
     )
-    payments_db.execute(payments_queries.TOP_UP_USER, {"user_id": ids.user_id, "amount": amount})
+    payments_db.execute(
+        payments_queries.TOP_UP_USER,
+        {"user_id": ids.user_id, "amount": amount, "idempotency_key": None},
+    )
     return ids.user_id
 
 

@@ -163,9 +163,7 @@ def test_valid_instances_come_up_in_the_agreement_test() -> None:
 def test_a_schema_with_a_keyword_it_does_not_know_is_left_to_jsonschema() -> None:
     schema = {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]+$"}}}
     assert validation.compile_predicate(schema) is None
-    assert validation.check(schema, {"code": "abc"}) == [
-        FieldError("code", "'abc' does not match '^[A-Z]+$'")
-    ]
+    assert validation.check(schema, {"code": "abc"}) == [FieldError("code", "must match ^[A-Z]+$")]
     assert validation.check(schema, {"code": "ABC"}) == []
 
 
