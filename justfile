@@ -76,7 +76,7 @@ test *args: lint
 # Each prints its HTTP calls and answers as a story, against GATEWAY_URL (default
 # http://127.0.0.1:${GATEWAY_PORT:-8080}), and exits non-zero saying why if an expectation fails.
 
-# The tour: account, top-ups, an order paid live, both failure reasons, a 422, balance arithmetic.
+# The tour: account, top-ups, an order paid live, one sent twice with its Idempotency-Key, both failure reasons, a 422, balance arithmetic.
 demo:
     @python scripts/demo.py tour
 

@@ -32,6 +32,7 @@ SERVICES_SH: Final = Path(__file__).resolve().parent / "services.sh"
 TERMINAL: Final = frozenset({"paid", "failed"})
 WATCH_INTERVAL: Final = 0.02  # seconds between status polls while watching one order
 PAGE_SIZE: Final = 500  # the API's largest page, for quiet polling
+ORDER_FIELDS: Final = ("id", "amount", "status")  # what the tour shows of an order
 Order = dict[str, Any]
 
 # --- Output ------------------------------------------------------------------------------------
@@ -111,14 +112,22 @@ class Api:
         return f"{path}?{'&'.join(f'{k}={_short(v)}' for k, v in params.items())}"
 
     def show_request(
-        self, method: str, path: str, body: Any = None, params: Mapping[str, Any] | None = None
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        params: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
-        shown = "" if body is None else "  " + json.dumps(body, ensure_ascii=False)
+        shown = "".join(f"  {name}: {value}" for name, value in (headers or {}).items())
+        shown += "" if body is None else "  " + json.dumps(body, ensure_ascii=False)
         print(f"   → {method} {self.target(path, params)}{shown}", flush=True)
 
     def show_answer(self, answer: httpx.Response, fields: tuple[str, ...] | None = None) -> None:
         status = f"{answer.status_code} {answer.reason_phrase}"
-        print(f"   ← {_paint(status, '36')}  {_summary(answer, fields)}", flush=True)
+        replayed = answer.headers.get("idempotent-replayed")
+        shown = f"  Idempotent-Replayed: {replayed}" if replayed else ""
+        print(f"   ← {_paint(status, '36')}{shown}  {_summary(answer, fields)}", flush=True)
 
     def call(
         self,
@@ -130,12 +139,17 @@ class Api:
         fields: tuple[str, ...] | None = None,
         status: int | None = None,
         quiet: bool = False,
+        headers: Mapping[str, str] | None = None,
     ) -> httpx.Response:
         """One HTTP call; when `status` is given, any other status stops the scenario."""
         if not quiet:
-            self.show_request(method, path, body, params)
+            self.show_request(method, path, body, params, headers)
         answer = self.client.request(
-            method, path, json=body, params=dict(params) if params else None
+            method,
+            path,
+            json=body,
+            params=dict(params) if params else None,
+            headers=dict(headers) if headers else None,
         )
         if not quiet:
             self.show_answer(answer, fields)
@@ -167,7 +181,7 @@ class Api:
             "POST",
             "/orders/create",
             body=body,
-            fields=("id", "amount", "status"),
+            fields=ORDER_FIELDS,
             status=201,
         )
         return str(answer.json()["id"])
@@ -286,8 +300,8 @@ def print_orders(orders: list[Order]) -> None:
 
 
 def tour(api: Api) -> None:
-    """Account, top-ups, orders paid live, both failure reasons, a 422, the listing and a final
-    balance that adds up."""
+    """Account, top-ups, orders paid live, one sent again with its Idempotency-Key, both failure
+    reasons, a 422, the listing and a final balance that adds up."""
     gateway = str(api.client.base_url).rstrip("/")
     say("money is in minor units (kopecks)")
 
@@ -317,7 +331,24 @@ def tour(api: Api) -> None:
         state = settle(api, order)
         expect(state["status"] == "paid", "paid", _label(state))
 
-    step("6. An order the balance cannot cover fails with insufficient_funds")
+    step("6. No answer? Send it again with the same Idempotency-Key: one order, charged once")
+    say("a client that lost the answer (a timeout, a dropped connection) cannot know whether")
+    say("the order was made; sent with a key of its own, the request can simply be sent again")
+    key = {"Idempotency-Key": str(uuid.uuid4())}
+    body = {"user_id": user, "amount": 800, "description": "Paper filters"}
+    first, again = (
+        api.call("POST", "/orders/create", body=body, headers=key, fields=ORDER_FIELDS, status=201)
+        for _ in range(2)
+    )
+    filters = str(first.json()["id"])
+    expect(
+        again.json()["id"] == filters and again.headers.get("idempotent-replayed") == "true",
+        "the same order both times (Idempotent-Replayed: true)",
+    )
+    state = settle(api, filters)
+    expect(state["status"] == "paid", "paid", _label(state))
+
+    step("7. An order the balance cannot cover fails with insufficient_funds")
     say(f"balance now {api.balance(user, quiet=True)}; ordering for 50000")
     underfunded = api.place_order(user, 50_000, "Espresso machine")
     state = settle(api, underfunded)
@@ -327,7 +358,7 @@ def tour(api: Api) -> None:
         _label(state),
     )
 
-    step("7. An order for a user who has no account fails with account_not_found")
+    step("8. An order for a user who has no account fails with account_not_found")
     stranger = str(uuid.uuid4())
     say(f"user {stranger} never opened an account; Orders accepts, Payments refuses")
     orphan = api.place_order(stranger, 100, "Gift card")
@@ -336,7 +367,7 @@ def tour(api: Api) -> None:
         state["reason"] == "account_not_found", "failed, reason account_not_found", _label(state)
     )
 
-    step("8. A bad request: amount 1.5 is not a whole number of kopecks")
+    step("9. A bad request: amount 1.5 is not a whole number of kopecks")
     answer = api.call(
         "POST",
         "/orders/create",
@@ -348,16 +379,16 @@ def tour(api: Api) -> None:
         "422 as application/problem+json (RFC 9457), naming the field",
     )
 
-    step("9. The customer's orders, newest first")
+    step("10. The customer's orders, newest first")
     orders = api.orders_of(user, limit=100, quiet=False)
     print_orders(orders)
     expect(
-        {o["id"] for o in orders} == {coffee, *more, underfunded} and len(orders) == 4,
-        "exactly the 4 orders placed (the 422 created none)",
+        {o["id"] for o in orders} == {coffee, *more, filters, underfunded} and len(orders) == 5,
+        "exactly the 5 orders placed (the request sent again and the 422 created none)",
         f"{len(orders)} listed",
     )
 
-    step("10. The final balance adds up")
+    step("11. The final balance adds up")
     final = api.balance(user)
     paid = [int(o["amount"]) for o in reversed(orders) if o["status"] == "paid"]
     say(
@@ -366,7 +397,7 @@ def tour(api: Api) -> None:
     )
     expect(final == sum(top_ups) - sum(paid), "top-ups − paid = balance")
 
-    step("11. Look around")
+    step("12. Look around")
     api.call("GET", "/swagger/index.html", status=200)
     say(f"Swagger UI: {gateway}/swagger/index.html  (the OpenAPI spec: {gateway}/openapi.json)")
     dashboard = f"http://127.0.0.1:{os.environ.get('DASHBOARD_PORT', '8090')}"

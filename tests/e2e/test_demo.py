@@ -45,7 +45,11 @@ def test_the_tour_shows_an_order_paid_live_both_failures_a_422_and_a_balance_tha
     assert "status=failed  reason=insufficient_funds" in output
     assert "status=failed  reason=account_not_found" in output
     assert "← 422 Unprocessable Entity  [application/problem+json]" in output
-    assert "top-ups 10000 + 5000 − paid 2990 + 4500 + 1200 = 6310; the balance says 6310" in output
+    assert (
+        "top-ups 10000 + 5000 − paid 2990 + 4500 + 1200 + 800 = 5510; the balance says 5510"
+        in output
+    )
+    assert "← 201 Created  Idempotent-Replayed: true" in output
     assert f"{system.gateway}/swagger/index.html" in output
 
 
