@@ -4,7 +4,10 @@ One thread per database holds a dedicated autocommit connection with `LISTEN out
 (the inbox needs no wake-up: consumers apply what they record). Notifications that arrive
 together, or while a wake-up is still queued, are coalesced into one message, and under load
 a relay is woken at most once per `BATCH_INTERVAL` (`pipeline.Pacer`). After every
-(re)connect it sends one sweep, because notifications raised while it was away are gone.
+(re)connect it sends one sweep, because notifications raised while it was away are gone, and
+after every Redis outage, because the messages queued in Redis may be gone with it. A Redis
+outage is waited out on the connection it has (notifications wait in it); a connection lost
+after `STEADY_SECONDS` of listening is opened again at once, the backoff starting over.
 The main thread sends a sweep per service every `SWEEP_INTERVAL` seconds.
 Run it with `python -m actors.listener`."""
 
@@ -14,6 +17,7 @@ import contextlib
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable
 
 import psycopg
@@ -39,6 +43,12 @@ IDLE_WAIT = 0.5
 # Redis down or restarting. Exiting instead made a Redis outage of a few seconds fatal under
 # supervisord (each restart failed within its `startsecs`), and nothing woke a relay again.
 OUTAGES = (psycopg.OperationalError, OSError, redis.ConnectionError, redis.TimeoutError)
+# What a LISTEN connection that is lost raises (`pipeline.notifications`).
+CONNECTION_LOST = (psycopg.OperationalError, OSError)
+# A connection lost after it was held this long is opened again at once, the backoff starting
+# over; one lost sooner is retried on the same backoff (a server that drops every connection
+# right after it opens is not hammered). Longer than the longest wait of the backoff.
+STEADY_SECONDS = 5.0
 
 
 def through_outages(stopping: threading.Event) -> Retrying:
@@ -49,7 +59,7 @@ def through_outages(stopping: threading.Event) -> Retrying:
 
     return Retrying(
         retry=retry_if_exception_type(OUTAGES),
-        wait=wait_exponential_jitter(multiplier=0.2, max=5),
+        wait=wait_exponential_jitter(multiplier=0.2, max=STEADY_SECONDS),
         stop=lambda _state: stopping.is_set(),
         sleep=pause,
         before_sleep=before_sleep_log(log, logging.WARNING),
@@ -70,23 +80,53 @@ def listen(service: str, actors: ServiceActors, stopping: threading.Event) -> No
 
 def _listen(service: str, actors: ServiceActors, stopping: threading.Event) -> None:
     with contextlib.suppress(*OUTAGES):  # raised only once stopping
-        through_outages(stopping)(_listen_once, service, actors, stopping)
+        while not stopping.is_set():
+            # Backoff per outage: the waits of one do not lengthen the first of the next.
+            through_outages(stopping)(_listen_once, service, actors, stopping)
 
 
 def _listen_once(service: str, actors: ServiceActors, stopping: threading.Event) -> None:
-    """One LISTEN connection, held until `stopping` or until it fails."""
+    """One LISTEN connection, held until `stopping` or until it is lost; raises when it cannot
+    be opened (or on an outage once `stopping`)."""
     if stopping.is_set():
         return
+
+    def sweep() -> None:
+        through_outages(stopping)(actors.sweep.send)
+
     with db.connect(config, service, f"{service}-listener") as conn:
         conn.execute(f"LISTEN {pipeline.OUTBOX_CHANNEL}")
         log.info("%s: listening on %s", service, pipeline.OUTBOX_CHANNEL)
-        actors.sweep.send()  # whatever was notified while we were away
-        wake_relay(
-            conn.pgconn,
-            lambda: broker.wake(actors.relay_outbox),
-            pipeline.Pacer(config.batch_interval),
-            stopping,
-        )
+        sweep()  # whatever was notified while we were away
+        opened = time.monotonic()
+        try:
+            wake_relay(
+                conn.pgconn,
+                waiting_out_redis(lambda: broker.wake(actors.relay_outbox), stopping, sweep),
+                pipeline.Pacer(config.batch_interval),
+                stopping,
+            )
+        except CONNECTION_LOST as exc:
+            if stopping.is_set() or time.monotonic() - opened < STEADY_SECONDS:
+                raise
+            log.warning("%s: lost the LISTEN connection (%s); opening another", service, exc)
+
+
+def waiting_out_redis(
+    call: Callable[[], broker.Woken], stopping: threading.Event, then: Callable[[], None]
+) -> Callable[[], broker.Woken]:
+    """`call`, retried with backoff through a Redis outage (until `stopping`), and `then`
+    called once the outage is over."""
+
+    def patiently() -> broker.Woken:
+        try:
+            return call()
+        except (redis.ConnectionError, redis.TimeoutError):
+            woken = through_outages(stopping)(call)
+            then()
+            return woken
+
+    return patiently
 
 
 def wake_relay(

@@ -5,12 +5,14 @@ under supervisord a few seconds of it stopped the wake-ups for good."""
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -19,6 +21,7 @@ import psycopg
 import pytest
 import redis
 
+from actors.listener import STEADY_SECONDS
 from services.common.ids import uuid7
 from tests.e2e.conftest import eventually
 
@@ -90,6 +93,65 @@ def still_running(process: subprocess.Popen[bytes], seconds: float) -> bool:
     return False
 
 
+def listener_backend(db: psycopg.Connection[Any]) -> int:
+    """The pid of the Orders listener's Postgres backend, once there is one."""
+
+    def connected() -> int:
+        rows = db.execute(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'orders-listener'"
+            " AND datname = current_database()"
+        ).fetchall()
+        assert len(rows) == 1, rows
+        return int(rows[0][0])
+
+    return eventually(connected)
+
+
+@pytest.mark.skipif(not os.path.exists(REDIS_SERVER), reason="no redis-server")
+def test_a_listener_connection_lost_after_a_steady_while_is_opened_again_without_backoff(
+    orders_url: str, payments_url: str, orders_db: psycopg.Connection[Any]
+) -> None:
+    port = free_port()
+    env = {
+        **os.environ,
+        "ORDERS_DATABASE_URL": orders_url,
+        "PAYMENTS_DATABASE_URL": payments_url,
+        "REDIS_URL": f"redis://127.0.0.1:{port}/0",
+        "SWEEP_INTERVAL": "3600",
+    }
+    with redis_server(port):
+        listener = subprocess.Popen(
+            [sys.executable, "-m", "actors.listener"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            backend = listener_backend(orders_db)
+            # Three connections lost, each after a steady while: each is opened again at once.
+            # (Before, every loss was one more attempt of one backoff, whose waits grew.)
+            for _ in range(3):
+                time.sleep(STEADY_SECONDS + 0.5)
+                orders_db.execute("SELECT pg_terminate_backend(%s)", (backend,))
+                backend = eventually(functools.partial(new_backend, orders_db, backend))
+            listener.send_signal(signal.SIGTERM)
+            assert listener.wait(timeout=15) == 0
+        finally:
+            if listener.poll() is None:
+                listener.kill()
+                listener.wait(timeout=10)
+        assert listener.stderr is not None
+        log = listener.stderr.read().decode()
+    assert log.count("orders: lost the LISTEN connection") == 3, log
+    assert "Retrying" not in log, log
+
+
+def new_backend(db: psycopg.Connection[Any], old: int) -> int:
+    pid = listener_backend(db)
+    assert pid != old
+    return pid
+
+
 @pytest.mark.skipif(not os.path.exists(REDIS_SERVER), reason="no redis-server")
 def test_the_listener_waits_out_redis_outages_and_wakes_relays_when_it_is_back(
     orders_url: str, payments_url: str, orders_db: psycopg.Connection[Any]
@@ -111,13 +173,15 @@ def test_the_listener_waits_out_redis_outages_and_wakes_relays_when_it_is_back(
         with redis_server(port) as client:
             # Connected: each service's listening thread sends a sweep.
             enqueued(client, "sweep_orders")
-        # Redis gone while it runs: the wake-up for this commit fails, and it waits again.
+        backend = listener_backend(orders_db)
+        # Redis gone while it runs: the wake-up for this commit fails, and it waits again, on
+        # the LISTEN connection it has.
         commit_outbox_row(orders_db)
         assert still_running(listener, 3)
         with redis_server(port) as client:
-            enqueued(client, "sweep_orders")  # reconnected
-            commit_outbox_row(orders_db)
-            enqueued(client, "relay_orders_outbox")  # and a commit wakes the relay
+            enqueued(client, "relay_orders_outbox")  # the commit's wake-up goes through
+            enqueued(client, "sweep_orders")  # and a sweep for what Redis may have lost
+            assert listener_backend(orders_db) == backend  # Postgres was never let go
         listener.send_signal(signal.SIGTERM)
         assert listener.wait(timeout=15) == 0
     finally:
