@@ -116,12 +116,17 @@ REREQUEST_LOCK: Final = "SELECT pg_try_advisory_xact_lock(hashtext('payment_rere
 # The payment requests of `order_ids` again (`outbox.arrays` of their rows, in the same order,
 # so each user's requests keep the order of their orders), each order's count of requests
 # again (`attempts`) and the seconds until the next one is due (`waits`).
+# `last_requested_at` is read in this statement, as its rows' `created_at` are (UNANSWERED's
+# `margin`): `now()`, the transaction's start, came before the round's other statements.
 REREQUEST: Final = f"""
 WITH request AS (
     SELECT * FROM {outbox.unnest_with("r", _REREQUEST_ARRAYS)}
+), moment AS (
+    SELECT clock_timestamp() AS t
 ), counted AS (
     INSERT INTO payment_rerequests (order_id, attempts, last_requested_at, next_request_at)
-    SELECT order_id, attempts, now(), now() + make_interval(secs => wait) FROM request
+    SELECT order_id, attempts, moment.t, moment.t + make_interval(secs => wait)
+    FROM request, moment
     ON CONFLICT (order_id) DO UPDATE
     SET attempts = excluded.attempts,
         last_requested_at = excluded.last_requested_at,

@@ -148,7 +148,9 @@ class OrderWriter:
                 await self._write([one])
             return
         for one, row in zip(batch, rows, strict=True):
-            if not one.future.done():  # the caller may have gone (request cancelled)
+            if isinstance(row, BaseException):
+                _fail(one.future, row)
+            elif not one.future.done():  # the caller may have gone (request cancelled)
                 one.future.set_result(row)
 
     async def _answer_after_all(self, batch: list[Waiting], why: str) -> None:
@@ -169,25 +171,40 @@ class OrderWriter:
             elif not one.future.done():
                 one.future.set_result(row)
 
-    async def _insert(self, batch: list[dict[str, Any]]) -> list[Row]:
+    async def _insert(self, batch: list[dict[str, Any]]) -> list[Row | BaseException]:
         """Each order's row: the one written, or for an order whose idempotency key its user
-        already gave an order (earlier, or earlier in this batch), that order's row."""
+        already gave an order (earlier, or earlier in this batch), that order's row, read by a
+        statement of its own. The orders written are committed by then: a failure to read
+        the others fails those alone (each has its key, so sending it again is safe)."""
         async with self._pool.connection() as conn:
             cursor = await conn.execute(queries.CREATE_ORDERS, queries.create_orders_params(batch))
-            rows = {row[0]: row for row in await cursor.fetchall()}
+            rows: dict[Any, Row | BaseException] = {row[0]: row for row in await cursor.fetchall()}
             keyed = [params for params in batch if params["id"] not in rows]
             if keyed:
-                cursor = await conn.execute(
-                    queries.KEYED_ORDERS,
-                    {
-                        "user_ids": [params["user_id"] for params in keyed],
-                        "keys": [params["idempotency_key"] for params in keyed],
-                    },
-                )
-                holders = {(row[1], row[-1]): row[:-1] for row in await cursor.fetchall()}
+                holders = await _holders(conn, keyed)
                 for params in keyed:
-                    rows[params["id"]] = holders[params["user_id"], params["idempotency_key"]]
+                    rows[params["id"]] = holders.get(
+                        (params["user_id"], params["idempotency_key"]),
+                        psycopg.OperationalError("the order with this idempotency key is unread"),
+                    )
         return [rows[params["id"]] for params in batch]
+
+
+async def _holders(
+    conn: psycopg.AsyncConnection[Any], keyed: list[dict[str, Any]]
+) -> dict[tuple[Any, str], Row | BaseException]:
+    """The orders holding the (user, idempotency key) of each of `keyed`, by that pair; on a
+    database error, that error for each pair."""
+    pairs = [(params["user_id"], params["idempotency_key"]) for params in keyed]
+    try:
+        cursor = await conn.execute(
+            queries.KEYED_ORDERS,
+            {"user_ids": [user for user, _ in pairs], "keys": [key for _, key in pairs]},
+        )
+        return {(row[1], row[-1]): row[:-1] for row in await cursor.fetchall()}
+    except psycopg.Error as exc:
+        log.warning("could not read the orders holding %d idempotency keys: %s", len(pairs), exc)
+        return dict.fromkeys(pairs, exc)
 
 
 def _fail(future: asyncio.Future[Row], exc: BaseException) -> None:

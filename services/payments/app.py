@@ -221,7 +221,7 @@ async def credit(
     if key is None:
         return None
     found = await fetch_account(call, queries.KEYED_TOP_UP, params)
-    if found is None:
+    if found is None or found[3] is None:  # no account (the top-up saw none, at least)
         return None
     if found[3] != amount:  # the key names another top-up of this account
         raise problems.idempotency_key_reused("top-up", key)

@@ -4,6 +4,7 @@ each still gets its own row and outbox row, and one bad order fails alone."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import uuid
 from typing import Any
 
@@ -16,6 +17,7 @@ from services.common.ids import uuid7
 from services.orders import queries
 from services.orders.domain import payment_requested
 from services.orders.writer import OrderWriter
+from tests.e2e.conftest import eventually
 
 
 def order_params(order_id: uuid.UUID | None = None) -> dict[str, Any]:
@@ -293,3 +295,60 @@ def test_the_writer_answers_a_repeated_idempotency_key_with_the_order_that_has_i
     assert [row[0] for row in rows] == [first[0], batch[1]["id"], first[0], batch[1]["id"]]
     assert orders_db.execute("SELECT count(*) FROM orders").fetchone() == (2,)
     assert orders_db.execute("SELECT count(*) FROM outbox").fetchone() == (2,)
+
+
+def test_orders_written_are_answered_when_the_order_holding_a_repeated_key_cannot_be_read(
+    orders_url: str, orders_db: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The insert commits, then reading the holder of a repeated key fails: the orders written
+    # must still be answered as written (a 503 would have their clients send them again, and
+    # pay twice); the repeat alone fails, and its key makes sending it again safe.
+    me = uuid.uuid4()
+    (first,) = asyncio.run(create_all(orders_url, [keyed(me, "k")]))
+    monkeypatch.setattr(queries, "KEYED_ORDERS", "SELECT 1 / 0")
+    plain, repeat = keyed(me, None), keyed(me, "k")
+
+    async def insert() -> list[Any]:
+        async with AsyncConnectionPool(orders_url, kwargs={"autocommit": True}) as pool:
+            return await OrderWriter(pool, timeout=30, deadline=30)._insert([plain, repeat])
+
+    written, failed = asyncio.run(insert())
+
+    assert written[0] == plain["id"]
+    assert isinstance(failed, psycopg.errors.DivisionByZero)
+    ids = orders_db.execute("SELECT id FROM orders ORDER BY created_at").fetchall()
+    assert ids == [(first[0],), (plain["id"],)]
+
+
+def test_a_key_being_written_by_another_transaction_gives_that_transaction_s_order(
+    orders_url: str, orders_db: psycopg.Connection[Any]
+) -> None:
+    # Two Orders processes, one key: the second insert waits for the first transaction, and
+    # once it commits, answers with its order.
+    me = uuid.uuid4()
+    theirs, mine = keyed(me, "k"), keyed(me, "k")
+    answers: list[Any] = []
+
+    async def insert() -> None:
+        async with AsyncConnectionPool(orders_url, kwargs={"autocommit": True}) as pool:
+            answers.extend(await OrderWriter(pool, timeout=30, deadline=30)._insert([mine]))
+
+    with psycopg.connect(orders_url) as other:
+        other.execute(queries.CREATE_ORDERS, queries.create_orders_params([theirs]))
+        waiting = threading.Thread(target=asyncio.run, args=(insert(),))
+        waiting.start()
+
+        def blocked() -> None:
+            rows = orders_db.execute(
+                "SELECT 1 FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock' AND query LIKE '%%INSERT INTO orders%%'"
+            ).fetchall()
+            assert rows
+
+        eventually(blocked)
+        other.commit()
+        waiting.join(timeout=30)
+
+    assert [row[0] for row in answers] == [theirs["id"]]
+    assert orders_db.execute("SELECT count(*) FROM orders").fetchone() == (1,)
+    assert orders_db.execute("SELECT count(*) FROM outbox").fetchone() == (1,)
