@@ -93,6 +93,26 @@ def still_running(process: subprocess.Popen[bytes], seconds: float) -> bool:
     return False
 
 
+def start_listener(
+    orders_url: str, payments_url: str, redis_port: int, stderr: int | None = None
+) -> subprocess.Popen[bytes]:
+    """`python -m actors.listener` on these databases and the Redis at `redis_port` (sweeps
+    only when it (re)connects)."""
+    env = {
+        **os.environ,
+        "ORDERS_DATABASE_URL": orders_url,
+        "PAYMENTS_DATABASE_URL": payments_url,
+        "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+        "SWEEP_INTERVAL": "3600",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "actors.listener"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+    )
+
+
 def listener_backend(db: psycopg.Connection[Any]) -> int:
     """The pid of the Orders listener's Postgres backend, once there is one."""
 
@@ -112,20 +132,8 @@ def test_a_listener_connection_lost_after_a_steady_while_is_opened_again_without
     orders_url: str, payments_url: str, orders_db: psycopg.Connection[Any]
 ) -> None:
     port = free_port()
-    env = {
-        **os.environ,
-        "ORDERS_DATABASE_URL": orders_url,
-        "PAYMENTS_DATABASE_URL": payments_url,
-        "REDIS_URL": f"redis://127.0.0.1:{port}/0",
-        "SWEEP_INTERVAL": "3600",
-    }
     with redis_server(port):
-        listener = subprocess.Popen(
-            [sys.executable, "-m", "actors.listener"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        listener = start_listener(orders_url, payments_url, port, stderr=subprocess.PIPE)
         try:
             backend = listener_backend(orders_db)
             # Three connections lost, each after a steady while: each is opened again at once.
@@ -157,16 +165,7 @@ def test_the_listener_waits_out_redis_outages_and_wakes_relays_when_it_is_back(
     orders_url: str, payments_url: str, orders_db: psycopg.Connection[Any]
 ) -> None:
     port = free_port()
-    env = {
-        **os.environ,
-        "ORDERS_DATABASE_URL": orders_url,
-        "PAYMENTS_DATABASE_URL": payments_url,
-        "REDIS_URL": f"redis://127.0.0.1:{port}/0",
-        "SWEEP_INTERVAL": "3600",
-    }
-    listener = subprocess.Popen(
-        [sys.executable, "-m", "actors.listener"], env=env, stdout=subprocess.DEVNULL
-    )
+    listener = start_listener(orders_url, payments_url, port)
     try:
         # No Redis yet: it waits (it exited within half a second before).
         assert still_running(listener, 3)
