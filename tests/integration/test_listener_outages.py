@@ -93,11 +93,12 @@ def still_running(process: subprocess.Popen[bytes], seconds: float) -> bool:
     return False
 
 
-def start_listener(
+@contextmanager
+def listener_running(
     orders_url: str, payments_url: str, redis_port: int, stderr: int | None = None
-) -> subprocess.Popen[bytes]:
+) -> Iterator[subprocess.Popen[bytes]]:
     """`python -m actors.listener` on these databases and the Redis at `redis_port` (sweeps
-    only when it (re)connects)."""
+    only when it (re)connects), killed at the end if it is still running."""
     env = {
         **os.environ,
         "ORDERS_DATABASE_URL": orders_url,
@@ -105,12 +106,23 @@ def start_listener(
         "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
         "SWEEP_INTERVAL": "3600",
     }
-    return subprocess.Popen(
+    listener = subprocess.Popen(
         [sys.executable, "-m", "actors.listener"],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=stderr,
     )
+    try:
+        yield listener
+    finally:
+        if listener.poll() is None:
+            listener.kill()
+            listener.wait(timeout=10)
+
+
+def stops_cleanly(listener: subprocess.Popen[bytes]) -> None:
+    listener.send_signal(signal.SIGTERM)
+    assert listener.wait(timeout=15) == 0
 
 
 def listener_backend(db: psycopg.Connection[Any]) -> int:
@@ -132,22 +144,18 @@ def test_a_listener_connection_lost_after_a_steady_while_is_opened_again_without
     orders_url: str, payments_url: str, orders_db: psycopg.Connection[Any]
 ) -> None:
     port = free_port()
-    with redis_server(port):
-        listener = start_listener(orders_url, payments_url, port, stderr=subprocess.PIPE)
-        try:
-            backend = listener_backend(orders_db)
-            # Three connections lost, each after a steady while: each is opened again at once.
-            # (Before, every loss was one more attempt of one backoff, whose waits grew.)
-            for _ in range(3):
-                time.sleep(STEADY_SECONDS + 0.5)
-                orders_db.execute("SELECT pg_terminate_backend(%s)", (backend,))
-                backend = eventually(functools.partial(new_backend, orders_db, backend))
-            listener.send_signal(signal.SIGTERM)
-            assert listener.wait(timeout=15) == 0
-        finally:
-            if listener.poll() is None:
-                listener.kill()
-                listener.wait(timeout=10)
+    with (
+        redis_server(port),
+        listener_running(orders_url, payments_url, port, stderr=subprocess.PIPE) as listener,
+    ):
+        backend = listener_backend(orders_db)
+        # Three connections lost, each after a steady while: each is opened again at once.
+        # (Before, every loss was one more attempt of one backoff, whose waits grew.)
+        for _ in range(3):
+            time.sleep(STEADY_SECONDS + 0.5)
+            orders_db.execute("SELECT pg_terminate_backend(%s)", (backend,))
+            backend = eventually(functools.partial(new_backend, orders_db, backend))
+        stops_cleanly(listener)
         assert listener.stderr is not None
         log = listener.stderr.read().decode()
     assert log.count("orders: lost the LISTEN connection") == 3, log
@@ -165,8 +173,7 @@ def test_the_listener_waits_out_redis_outages_and_wakes_relays_when_it_is_back(
     orders_url: str, payments_url: str, orders_db: psycopg.Connection[Any]
 ) -> None:
     port = free_port()
-    listener = start_listener(orders_url, payments_url, port)
-    try:
+    with listener_running(orders_url, payments_url, port) as listener:
         # No Redis yet: it waits (it exited within half a second before).
         assert still_running(listener, 3)
         with redis_server(port) as client:
@@ -181,9 +188,4 @@ def test_the_listener_waits_out_redis_outages_and_wakes_relays_when_it_is_back(
             enqueued(client, "relay_orders_outbox")  # the commit's wake-up goes through
             enqueued(client, "sweep_orders")  # and a sweep for what Redis may have lost
             assert listener_backend(orders_db) == backend  # Postgres was never let go
-        listener.send_signal(signal.SIGTERM)
-        assert listener.wait(timeout=15) == 0
-    finally:
-        if listener.poll() is None:
-            listener.kill()
-            listener.wait(timeout=10)
+        stops_cleanly(listener)
