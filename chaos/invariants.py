@@ -105,47 +105,71 @@ class Check:
 
 @dataclass(frozen=True)
 class OrderClassification:
-    """Which orders this run's requests made, from the orders table."""
+    """Which orders this run's requests made, from the orders table. One order meant is one
+    description: a try of its own without an Idempotency-Key, every try of it with one."""
 
     accepted: dict[str, Order]  # order id -> order: 201s and timed-out-but-found
     created: int  # answered 201
     unknown_found: int  # timed out / 5xx, but the order exists
     unknown_absent: int  # timed out / 5xx, and no such order: never created
     problems: list[str]
+    keyed_retried: int = 0  # orders with a key sent more than once
+    keyed_replayed: int = 0  # of those, answered 201 after a try that may have made it
 
 
 def classify_orders(attempts: Iterable[OrderAttempt], rows: Iterable[Order]) -> OrderClassification:
-    by_description = {row.description: row for row in rows}
-    attempted = {a.description for a in attempts}
-    accepted: dict[str, Order] = {}
-    created = unknown_found = unknown_absent = 0
-    problems: list[str] = []
+    by_description: dict[str, list[Order]] = {}
+    for order in rows:
+        by_description.setdefault(order.description, []).append(order)
+    tries: dict[str, list[OrderAttempt]] = {}
     for attempt in attempts:
-        row = by_description.get(attempt.description)
-        if attempt.outcome is Outcome.ACCEPTED:
+        tries.setdefault(attempt.description, []).append(attempt)
+    accepted: dict[str, Order] = {}
+    created = unknown_found = unknown_absent = keyed_retried = keyed_replayed = 0
+    problems: list[str] = []
+    for description, sent in tries.items():
+        found = by_description.get(description, [])
+        if len(found) > 1:
+            problems.append(f"{description!r} made {len(found)} orders: {[r.id for r in found]}")
+            continue
+        row = found[0] if found else None
+        answered = [a for a in sent if a.outcome is Outcome.ACCEPTED]
+        if len(sent) > 1:
+            keyed_retried += 1
+            before = sent[: sent.index(answered[0])] if answered else []
+            keyed_replayed += any(a.outcome is Outcome.UNKNOWN for a in before)
+        if answered:
             created += 1
-            if row is None or row.id != attempt.order_id:
-                problems.append(f"order {attempt.order_id} answered 201 but is not in the table")
+            if row is None or any(a.order_id != row.id for a in answered):
+                problems.append(f"{description!r} answered 201 but is not in the table as such")
                 continue
-        elif attempt.outcome is Outcome.UNKNOWN:
+        elif any(a.outcome is Outcome.UNKNOWN for a in sent):
             if row is None:
                 unknown_absent += 1
                 continue
             unknown_found += 1
         elif row is not None:
-            problems.append(f"{attempt.description!r} answered {attempt.answer} yet exists")
+            problems.append(f"{description!r} answered {sent[-1].answer} yet exists")
             continue
         else:
             continue
-        if row.amount != attempt.amount or row.user_id != attempt.user_id:
+        first = sent[0]
+        if row.amount != first.amount or row.user_id != first.user_id:
             problems.append(f"order {row.id} differs from what was sent")
         accepted[row.id] = row
-    strangers = [row.id for row in by_description.values() if row.description not in attempted]
+    strangers = [
+        row.id
+        for description, found in by_description.items()
+        if description not in tries
+        for row in found
+    ]
     if strangers:
         problems.append(
             f"{len(strangers)} order(s) of this run's users nobody sent: {strangers[:3]}"
         )
-    return OrderClassification(accepted, created, unknown_found, unknown_absent, problems)
+    return OrderClassification(
+        accepted, created, unknown_found, unknown_absent, problems, keyed_retried, keyed_replayed
+    )
 
 
 @dataclass(frozen=True)

@@ -314,7 +314,8 @@ async def judge(run: Run) -> list[Check]:
             not orders.problems and not top_ups.problems,
             "; ".join([*orders.problems, *top_ups.problems])[:300]
             or f"orders: {orders.created} created, {orders.unknown_found} timed out but found, "
-            f"{orders.unknown_absent} timed out and absent; "
+            f"{orders.unknown_absent} timed out and absent, {orders.keyed_retried} sent again"
+            f" with their key ({orders.keyed_replayed} answered after a try in doubt); "
             f"top-ups: {top_ups.confirmed} confirmed, "
             f"{top_ups.unknown_applied} timed out but applied, {top_ups.unknown_absent} absent",
         ),

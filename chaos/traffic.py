@@ -113,11 +113,12 @@ def classify(status: int | None, error: Exception | None) -> Outcome:
 @dataclass(frozen=True)
 class OrderAttempt:
     user_id: str
-    description: str  # unique: finds the order in the database
+    description: str  # unique per order meant: finds the order in the database
     amount: int
     outcome: Outcome
     order_id: str | None  # when accepted
     answer: str  # status code or error, for the report
+    key: str | None = None  # the Idempotency-Key, the same on every try of one order
 
 
 @dataclass(frozen=True)
@@ -169,10 +170,11 @@ class Traffic:
                 await asyncio.sleep(backoff(attempt, self._rng))
 
     async def _post(
-        self, path: str, body: dict[str, object] | None
+        self, path: str, body: dict[str, object] | None, key: str | None = None
     ) -> tuple[Outcome, str, dict[str, Any]]:
+        headers = {"Idempotency-Key": key} if key else None
         try:
-            answer = await self._client.post(f"{self.gateway}{path}", json=body)
+            answer = await self._client.post(f"{self.gateway}{path}", json=body, headers=headers)
         except httpx.HTTPError as exc:
             return classify(None, exc), type(exc).__name__, {}
         outcome = classify(answer.status_code, None)
@@ -197,20 +199,29 @@ class Traffic:
             await asyncio.sleep(backoff(attempt, self._rng))
 
     async def place_order(self, user: int, amount: int) -> None:
+        """One order, sent until it is accepted or rejected. Every other order carries an
+        Idempotency-Key and is sent again as it was (one order, however many tries); the
+        others are sent again as new orders, each try with a description of its own, so that
+        the invariants can tell which tries made an order."""
         user_id = self.users[user]
         self._sequence += 1
         number = self._sequence
+        key = f"chaos-{self.run_id}-{number}" if number % 2 == 0 else None
 
         async def once() -> Outcome:
             tries = self._attempts.get(f"order-{number}", 0) + 1
             self._attempts[f"order-{number}"] = tries
-            description = f"chaos {self.run_id} order {number} try {tries}"
+            description = f"chaos {self.run_id} order {number}" + (
+                " (keyed)" if key else f" try {tries}"
+            )
             outcome, answer, body = await self._post(
-                "/orders/create", {"user_id": user_id, "amount": amount, "description": description}
+                "/orders/create",
+                {"user_id": user_id, "amount": amount, "description": description},
+                key,
             )
             order_id = str(body["id"]) if outcome is Outcome.ACCEPTED else None
             self.orders.append(
-                OrderAttempt(user_id, description, amount, outcome, order_id, answer)
+                OrderAttempt(user_id, description, amount, outcome, order_id, answer, key)
             )
             return outcome
 

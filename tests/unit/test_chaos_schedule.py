@@ -174,6 +174,34 @@ def test_an_order_answered_201_but_missing_or_one_nobody_sent_is_a_problem() -> 
     assert stranger.problems
 
 
+def keyed(id: str | None, outcome: Outcome) -> OrderAttempt:
+    return OrderAttempt("u", "token k", 100, outcome, id, "x", key="k")
+
+
+def test_an_order_sent_again_with_its_key_is_one_order_however_many_tries() -> None:
+    tries = [
+        keyed(None, Outcome.UNKNOWN),
+        keyed(None, Outcome.UNSENT),
+        keyed("k", Outcome.ACCEPTED),
+    ]
+    result = classify_orders(tries, [order("k")])
+    assert result.problems == []
+    assert set(result.accepted) == {"k"}
+    assert (result.created, result.unknown_found, result.unknown_absent) == (1, 0, 0)
+    assert (result.keyed_retried, result.keyed_replayed) == (1, 1)
+    # Never answered 201, yet made: found, once.
+    in_doubt = classify_orders(tries[:2], [order("k")])
+    assert (in_doubt.unknown_found, in_doubt.problems) == (1, [])
+
+
+def test_two_orders_for_one_key_or_a_replay_naming_another_order_is_a_problem() -> None:
+    tries = [keyed("k", Outcome.ACCEPTED), keyed("k", Outcome.ACCEPTED)]
+    twice = [order("k"), Order("k2", "u", 100, "token k", "paid", None)]
+    assert classify_orders(tries, twice).problems
+    elsewhere = [keyed("k", Outcome.ACCEPTED), keyed("other", Outcome.ACCEPTED)]
+    assert classify_orders(elsewhere, [order("k")]).problems
+
+
 def test_a_top_up_applied_twice_or_confirmed_but_absent_is_a_problem() -> None:
     sent = [TopUpAttempt("acc", 1001, Outcome.ACCEPTED, "200")]
     twice = [LedgerRow("acc", "top_up", 1001, None)] * 2
