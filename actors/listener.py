@@ -121,7 +121,7 @@ def waiting_out_redis(
     def patiently() -> broker.Woken:
         try:
             return call()
-        except (redis.ConnectionError, redis.TimeoutError):
+        except (redis.ConnectionError, redis.TimeoutError, OSError):  # Redis only, here
             woken = through_outages(stopping)(call)
             then()
             return woken

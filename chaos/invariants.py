@@ -134,6 +134,10 @@ def classify_orders(attempts: Iterable[OrderAttempt], rows: Iterable[Order]) -> 
             continue
         row = found[0] if found else None
         answered = [a for a in sent if a.outcome is Outcome.ACCEPTED]
+        refused = [a for a in sent if a.outcome is Outcome.REJECTED]
+        if row is not None and refused:  # a replay of what made it must not be refused
+            problems.append(f"{description!r} answered {refused[-1].answer} yet exists")
+            continue
         if len(sent) > 1:
             keyed_retried += 1
             before = sent[: sent.index(answered[0])] if answered else []
@@ -148,10 +152,10 @@ def classify_orders(attempts: Iterable[OrderAttempt], rows: Iterable[Order]) -> 
                 unknown_absent += 1
                 continue
             unknown_found += 1
-        elif row is not None:
+        elif row is not None:  # never sent, yet made
             problems.append(f"{description!r} answered {sent[-1].answer} yet exists")
             continue
-        else:
+        else:  # refused or never sent, and absent
             continue
         first = sent[0]
         if row.amount != first.amount or row.user_id != first.user_id:

@@ -147,11 +147,14 @@ class OrderWriter:
             for one in batch:
                 await self._write([one])
             return
-        for one, row in zip(batch, rows, strict=True):
-            if isinstance(row, BaseException):
-                _fail(one.future, row)
+        # Committed: what follows is outside the batch's time, so that it cannot take the
+        # answers of the orders written with it.
+        answers = await self._with_holders([one.params for one in batch], rows)
+        for one, answer in zip(batch, answers, strict=True):
+            if isinstance(answer, BaseException):
+                _fail(one.future, answer)
             elif not one.future.done():  # the caller may have gone (request cancelled)
-                one.future.set_result(row)
+                one.future.set_result(answer)
 
     async def _answer_after_all(self, batch: list[Waiting], why: str) -> None:
         """After an insert ran out of time: 201 for the orders it wrote all the same (it was
@@ -171,40 +174,51 @@ class OrderWriter:
             elif not one.future.done():
                 one.future.set_result(row)
 
-    async def _insert(self, batch: list[dict[str, Any]]) -> list[Row | BaseException]:
-        """Each order's row: the one written, or for an order whose idempotency key its user
-        already gave an order (earlier, or earlier in this batch), that order's row, read by a
-        statement of its own. The orders written are committed by then: a failure to read
-        the others fails those alone (each has its key, so sending it again is safe)."""
+    async def _insert(self, batch: list[dict[str, Any]]) -> list[Row | None]:
+        """Write the batch; each order's row, or None for an order whose idempotency key its
+        user already gave an order (earlier, or earlier in this batch): not written."""
         async with self._pool.connection() as conn:
             cursor = await conn.execute(queries.CREATE_ORDERS, queries.create_orders_params(batch))
-            rows: dict[Any, Row | BaseException] = {row[0]: row for row in await cursor.fetchall()}
-            keyed = [params for params in batch if params["id"] not in rows]
-            if keyed:
-                holders = await _holders(conn, keyed)
-                for params in keyed:
-                    rows[params["id"]] = holders.get(
-                        (params["user_id"], params["idempotency_key"]),
-                        psycopg.OperationalError("the order with this idempotency key is unread"),
+            rows = {row[0]: row for row in await cursor.fetchall()}
+        return [rows.get(params["id"]) for params in batch]
+
+    async def _with_holders(
+        self, batch: list[dict[str, Any]], rows: list[Row | None]
+    ) -> list[Row | BaseException]:
+        """`rows` (as `_insert` gives them, for `batch`) with, in place of each None, the row
+        of the order holding that (user, idempotency key), read by a statement of its own
+        within `LOOKUP_TIMEOUT`. When it cannot be read, that order alone fails, with a 503:
+        the orders written are committed, and their answers must not depend on it (a 503
+        would have their clients send them again); the repeat has its key, so sending it
+        again is safe."""
+        keyed = [
+            (params["user_id"], params["idempotency_key"])
+            for params, row in zip(batch, rows, strict=True)
+            if row is None
+        ]
+        holders: dict[tuple[Any, str], Row] = {}
+        failure: BaseException | None = None
+        if keyed:
+            try:
+                async with asyncio.timeout(LOOKUP_TIMEOUT), self._pool.connection() as conn:
+                    cursor = await conn.execute(
+                        queries.KEYED_ORDERS,
+                        {"user_ids": [u for u, _ in keyed], "keys": [k for _, k in keyed]},
                     )
-        return [rows[params["id"]] for params in batch]
-
-
-async def _holders(
-    conn: psycopg.AsyncConnection[Any], keyed: list[dict[str, Any]]
-) -> dict[tuple[Any, str], Row | BaseException]:
-    """The orders holding the (user, idempotency key) of each of `keyed`, by that pair; on a
-    database error, that error for each pair."""
-    pairs = [(params["user_id"], params["idempotency_key"]) for params in keyed]
-    try:
-        cursor = await conn.execute(
-            queries.KEYED_ORDERS,
-            {"user_ids": [user for user, _ in pairs], "keys": [key for _, key in pairs]},
-        )
-        return {(row[1], row[-1]): row[:-1] for row in await cursor.fetchall()}
-    except psycopg.Error as exc:
-        log.warning("could not read the orders holding %d idempotency keys: %s", len(pairs), exc)
-        return dict.fromkeys(pairs, exc)
+                    holders = {(row[1], row[-1]): row[:-1] for row in await cursor.fetchall()}
+            except (TimeoutError, psycopg.Error) as exc:
+                log.warning("could not read the orders holding %d keys: %s", len(keyed), exc)
+                failure = exc
+        answers: list[Row | BaseException] = []
+        for params, row in zip(batch, rows, strict=True):
+            found = row or holders.get((params["user_id"], params["idempotency_key"]))
+            if found is None:
+                unread = psycopg.OperationalError("the order with this idempotency key is unread")
+                unread.__cause__ = failure
+                answers.append(unread)
+            else:
+                answers.append(found)
+        return answers
 
 
 def _fail(future: asyncio.Future[Row], exc: BaseException) -> None:

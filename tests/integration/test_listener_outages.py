@@ -152,7 +152,7 @@ def test_a_listener_connection_lost_after_a_steady_while_is_opened_again_without
         # Three connections lost, each after a steady while: each is opened again at once.
         # (Before, every loss was one more attempt of one backoff, whose waits grew.)
         for _ in range(3):
-            time.sleep(STEADY_SECONDS + 0.5)
+            time.sleep(STEADY_SECONDS + 1.5)  # held that long (from after its LISTEN and sweep)
             orders_db.execute("SELECT pg_terminate_backend(%s)", (backend,))
             backend = eventually(functools.partial(new_backend, orders_db, backend))
         stops_cleanly(listener)

@@ -16,7 +16,7 @@ from services.common import outbox
 from services.common.ids import uuid7
 from services.orders import queries
 from services.orders.domain import payment_requested
-from services.orders.writer import OrderWriter
+from services.orders.writer import OrderWriter, Waiting
 from tests.e2e.conftest import eventually
 
 
@@ -297,25 +297,39 @@ def test_the_writer_answers_a_repeated_idempotency_key_with_the_order_that_has_i
     assert orders_db.execute("SELECT count(*) FROM outbox").fetchone() == (2,)
 
 
+@pytest.mark.parametrize(
+    ("lookup", "cause"),
+    [("SELECT 1 / 0", psycopg.errors.DivisionByZero), ("SELECT pg_sleep(5)", TimeoutError)],
+    ids=["fails", "too-slow"],
+)
 def test_orders_written_are_answered_when_the_order_holding_a_repeated_key_cannot_be_read(
-    orders_url: str, orders_db: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
+    orders_url: str,
+    orders_db: psycopg.Connection[Any],
+    monkeypatch: pytest.MonkeyPatch,
+    lookup: str,
+    cause: type[BaseException],
 ) -> None:
-    # The insert commits, then reading the holder of a repeated key fails: the orders written
-    # must still be answered as written (a 503 would have their clients send them again, and
-    # pay twice); the repeat alone fails, and its key makes sending it again safe.
+    # The insert commits, then reading the holder of a repeated key fails or takes too long:
+    # the orders written must still be answered as written (a 503 would have their clients
+    # send them again, and pay twice); the repeat alone gets a 503, and its key makes sending
+    # it again safe.
     me = uuid.uuid4()
     (first,) = asyncio.run(create_all(orders_url, [keyed(me, "k")]))
-    monkeypatch.setattr(queries, "KEYED_ORDERS", "SELECT 1 / 0")
+    monkeypatch.setattr(queries, "KEYED_ORDERS", lookup)
     plain, repeat = keyed(me, None), keyed(me, "k")
 
-    async def insert() -> list[Any]:
+    async def write() -> list[Any]:
         async with AsyncConnectionPool(orders_url, kwargs={"autocommit": True}) as pool:
-            return await OrderWriter(pool, timeout=30, deadline=30)._insert([plain, repeat])
+            loop = asyncio.get_running_loop()
+            batch = [Waiting(p, loop.create_future(), loop.time() + 30) for p in (plain, repeat)]
+            await OrderWriter(pool, timeout=30, deadline=30)._write(batch)
+            return [one.future.exception() or one.future.result() for one in batch]
 
-    written, failed = asyncio.run(insert())
+    written, failed = asyncio.run(write())
 
     assert written[0] == plain["id"]
-    assert isinstance(failed, psycopg.errors.DivisionByZero)
+    assert isinstance(failed, psycopg.OperationalError)  # a 503
+    assert isinstance(failed.__cause__, cause)
     ids = orders_db.execute("SELECT id FROM orders ORDER BY created_at").fetchall()
     assert ids == [(first[0],), (plain["id"],)]
 
@@ -331,7 +345,8 @@ def test_a_key_being_written_by_another_transaction_gives_that_transaction_s_ord
 
     async def insert() -> None:
         async with AsyncConnectionPool(orders_url, kwargs={"autocommit": True}) as pool:
-            answers.extend(await OrderWriter(pool, timeout=30, deadline=30)._insert([mine]))
+            writer = OrderWriter(pool, timeout=30, deadline=30)
+            answers.extend(await writer._with_holders([mine], await writer._insert([mine])))
 
     with psycopg.connect(orders_url) as other:
         other.execute(queries.CREATE_ORDERS, queries.create_orders_params([theirs]))

@@ -200,6 +200,12 @@ def test_two_orders_for_one_key_or_a_replay_naming_another_order_is_a_problem() 
     assert classify_orders(tries, twice).problems
     elsewhere = [keyed("k", Outcome.ACCEPTED), keyed("other", Outcome.ACCEPTED)]
     assert classify_orders(elsewhere, [order("k")]).problems
+    # A try in doubt that made it, then its replay refused (a 4xx): the replay failed.
+    refused = [keyed(None, Outcome.UNKNOWN), keyed(None, Outcome.REJECTED)]
+    assert classify_orders(refused, [order("k")]).problems
+    assert classify_orders(refused, []).problems == []  # refused, and nothing made
+    never_sent = [keyed(None, Outcome.UNSENT)]
+    assert classify_orders(never_sent, [order("k")]).problems
 
 
 def test_a_top_up_applied_twice_or_confirmed_but_absent_is_a_problem() -> None:
