@@ -20,12 +20,16 @@ from services.orders.writer import OrderWriter, Waiting
 from tests.e2e.conftest import eventually
 
 
-def order_params(order_id: uuid.UUID | None = None) -> dict[str, Any]:
-    order_id = order_id or uuid7()
-    user_id = uuid.uuid4()
+def order_params(
+    order_id: uuid.UUID | None = None,
+    user_id: uuid.UUID | None = None,
+    idempotency_key: str | None = None,
+) -> dict[str, Any]:
+    order_id, user_id = order_id or uuid7(), user_id or uuid.uuid4()
     envelope = payment_requested(order_id, user_id, 100)
     row = outbox.row("orders.payment-requested", str(user_id), envelope)
-    return {"id": order_id, "user_id": user_id, "amount": 100, "description": "d"} | row
+    order = {"id": order_id, "user_id": user_id, "amount": 100, "description": "d"}
+    return order | row | {"idempotency_key": idempotency_key}
 
 
 async def create_all(url: str, batch: list[dict[str, Any]]) -> list[Any]:
@@ -260,10 +264,7 @@ def test_a_failure_outside_the_insert_fails_its_callers_and_the_writer_goes_on(
 
 
 def keyed(user_id: uuid.UUID, key: str | None) -> dict[str, Any]:
-    params = order_params()
-    envelope = payment_requested(params["id"], user_id, 100)
-    row = outbox.row("orders.payment-requested", str(user_id), envelope)
-    return params | row | {"user_id": user_id, "idempotency_key": key}
+    return order_params(user_id=user_id, idempotency_key=key)
 
 
 def test_one_statement_writes_one_order_per_user_and_idempotency_key(
