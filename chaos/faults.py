@@ -374,7 +374,7 @@ def poison_values(topic: str, event_id: str) -> dict[str, bytes]:
     }
 
 
-def produce_poison(ctx: Context, per_kind: int) -> str:
+def produce_poison(ctx: Context, per_kind: int) -> list[Poison]:
     """Every poison kind, `per_kind` times, on both topics; each with its own event_id header."""
     config = ctx.target.config
     producer = Producer(kafka.producer_settings(config, "chaos-poison"))
@@ -394,7 +394,31 @@ def produce_poison(ctx: Context, per_kind: int) -> str:
     if producer.flush(30) != 0:
         raise TargetError("Kafka did not acknowledge the poison messages")
     ctx.poison += made
-    return f"{len(made)} poison messages"
+    return made
+
+
+# Which of these event ids a service has dead-lettered.
+DEAD_LETTERED: Final = "SELECT event_id::text FROM dead_letters WHERE event_id = ANY(%s::uuid[])"
+
+
+async def poison(ctx: Context, per_kind: int) -> str:
+    """Poison produced on both topics, healed once every message of it is dead-lettered: a
+    later fault that deletes records (lose-requests) must not take poison still unread."""
+    made = await asyncio.to_thread(produce_poison, ctx, per_kind)
+    config = ctx.target.config
+    urls = {"orders": config.orders_database_url, "payments": config.payments_database_url}
+    began = time.monotonic()
+    missing = {p.event_id for p in made}
+    while missing:
+        if time.monotonic() - began > RESTART_TIMEOUT:
+            raise TargetError(
+                f"{len(missing)} poison message(s) not dead-lettered after {RESTART_TIMEOUT:.0f} s"
+            )
+        await asyncio.sleep(0.5)
+        for url in urls.values():
+            found = await asyncio.to_thread(query, url, DEAD_LETTERED, (sorted(missing),))
+            missing -= {event_id for (event_id,) in found}
+    return f"{len(made)} poison messages, all dead-lettered after {time.monotonic() - began:.1f} s"
 
 
 def read_back(ctx: Context, topic: str, count: int) -> list[RawMessage]:
@@ -466,7 +490,7 @@ async def inject(step: Step, ctx: Context) -> str:
         case FaultKind.DUPLICATE_DELIVERY:
             return await asyncio.to_thread(duplicate_delivery, ctx, step.count)
         case FaultKind.POISON:
-            return await asyncio.to_thread(produce_poison, ctx, step.count)
+            return await poison(ctx, step.count)
         case FaultKind.LOSE_REQUESTS:
             return await lose_requests(ctx, step.target, step.seconds)
     raise AssertionError(step.kind)
