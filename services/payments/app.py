@@ -65,6 +65,19 @@ TOP_UP_KEY: Final[Schema] = {
     " the account is credited once. Keys are per account, kept for good; the same key with"
     " another amount is refused (422).",
 }
+# A client's name for the opening of an account, so that sending it again opens one.
+ACCOUNT_KEY: Final[Schema] = {
+    **IDEMPOTENCY_KEY_SCHEMA,
+    "description": "Your name for this request (a UUID, say), 1-255 visible ASCII characters."
+    " Send the request again with the same key after a timeout, a dropped connection or a 503:"
+    " you get the account it opened, not a second one. There is no account yet to scope the key"
+    " to, so keys are shared by every client (use a UUID) and kept for good; the same key with"
+    " another body is refused (422).",
+}
+OPENED: Final = (
+    "The new account. Sent again with the same `Idempotency-Key`: the account that request"
+    " opened, as it is now, and `Idempotent-Replayed: true`."
+)
 TOPPED_UP: Final = (
     "The new balance. Sent again with the same `Idempotency-Key`: nothing credited, the balance"
     " as it is now, and `Idempotent-Replayed: true`."
@@ -72,6 +85,11 @@ TOPPED_UP: Final = (
 REPLAYED: Final = (
     IDEMPOTENT_REPLAYED_HEADER,
     "`true` when an earlier request with this key made the top-up.",
+    False,
+)
+REPLAYED_OPENING: Final = (
+    IDEMPOTENT_REPLAYED_HEADER,
+    "`true` when an earlier request with this key opened the account.",
     False,
 )
 
@@ -149,26 +167,41 @@ def balance_limit_exceeded() -> Problem:
 
 
 async def open_account(call: Call, user_id: uuid.UUID | None) -> Response:
-    """Open the one account of `user_id` (a new user when None), or 409 naming the existing."""
+    """Open the one account of `user_id` (a new user when None), or 409 naming the existing.
+    With an `Idempotency-Key` that opened an account before: that account when the request is
+    the same (no user again, or the same user), else 422."""
     ids = new_account(user_id)
-    params = {"account_id": ids.account_id, "user_id": ids.user_id}
+    key = call.headers.get(IDEMPOTENCY_KEY_HEADER)
+    params = {"account_id": ids.account_id, "user_id": ids.user_id, "idempotency_key": key}
     async with pool_of(call.request).connection() as conn:
         # Insert-or-find: accounts are never deleted, so when the insert yields nothing the
         # lookup finds the winner; looping keeps that true even if it ever were not.
         while True:
             created = await (await conn.execute(queries.CREATE_ACCOUNT, params)).fetchone()
             if created is not None:
-                account_id, owner, balance, created_at = created
-                account = {
-                    "account_id": account_id,
-                    "user_id": owner,
-                    "balance": balance,
-                    "created_at": created_at,
-                }
-                return respond(account, 201)
-            existing = await (await conn.execute(queries.ACCOUNT_OF_USER, params)).fetchone()
-            if existing is not None:
-                raise account_exists(ids.user_id, existing[0])
+                return respond(_account(created), 201)
+            found = await (await conn.execute(queries.OPENED, params)).fetchall()
+            for account_id, owner, balance, created_at, with_key in found:
+                if key is not None and with_key == key:
+                    # A bodiless request made its user: the user's id is the account's.
+                    if (owner == account_id) if user_id is None else (owner == user_id):
+                        headers = {IDEMPOTENT_REPLAYED_HEADER: "true"}
+                        account = _account((account_id, owner, balance, created_at))
+                        return respond(account, 201, headers=headers)
+                    raise problems.idempotency_key_reused("account", key)
+            for account_id, owner, *_ in found:
+                if owner == ids.user_id:
+                    raise account_exists(ids.user_id, account_id)
+
+
+def _account(row: tuple[Any, ...]) -> dict[str, Any]:
+    account_id, user_id, balance, created_at = row
+    return {
+        "account_id": account_id,
+        "user_id": user_id,
+        "balance": balance,
+        "created_at": created_at,
+    }
 
 
 async def create_account(call: Call) -> Response:
@@ -280,8 +313,9 @@ ENDPOINTS: Final[list[Endpoint]] = [
         description="Without a body a new user is made and `user_id` equals `account_id`.",
         body=CREATE_BODY,
         body_required=False,
+        headers={IDEMPOTENCY_KEY_HEADER: ACCOUNT_KEY},
         responses={
-            201: Reply("The new account.", ACCOUNT),
+            201: Reply(OPENED, ACCOUNT, headers=(REPLAYED_OPENING,)),
             409: CONFLICT,
             503: UNAVAILABLE,
             **BODY_ERRORS,
@@ -295,8 +329,9 @@ ENDPOINTS: Final[list[Endpoint]] = [
         TAG,
         create_account_for_user,
         body=CREATE_FOR_USER_BODY,
+        headers={IDEMPOTENCY_KEY_HEADER: ACCOUNT_KEY},
         responses={
-            201: Reply("The new account.", ACCOUNT),
+            201: Reply(OPENED, ACCOUNT, headers=(REPLAYED_OPENING,)),
             409: CONFLICT,
             503: UNAVAILABLE,
             **BODY_ERRORS,

@@ -9,16 +9,21 @@ from typing import Final
 
 from services.common import outbox
 
-# Nothing when the user already has an account: the caller then looks it up. A concurrent
-# insert for the same user makes this wait for it and return nothing, so there is no race.
+# Nothing when the user already has an account, or an account was opened with this
+# `idempotency_key` (None without one): the caller then looks it up (`OPENED`). A concurrent
+# insert for the same user or key makes this wait for it and return nothing, so there is no race.
 CREATE_ACCOUNT: Final = """
-INSERT INTO accounts (id, user_id)
-VALUES (%(account_id)s, %(user_id)s)
-ON CONFLICT (user_id) DO NOTHING
+INSERT INTO accounts (id, user_id, idempotency_key)
+VALUES (%(account_id)s, %(user_id)s, %(idempotency_key)s)
+ON CONFLICT DO NOTHING
 RETURNING id, user_id, balance, created_at
 """
 
-ACCOUNT_OF_USER: Final = "SELECT id FROM accounts WHERE user_id = %(user_id)s"
+# The accounts that stopped CREATE_ACCOUNT: the user's, and the one opened with the key.
+OPENED: Final = """
+SELECT id, user_id, balance, created_at, idempotency_key FROM accounts
+WHERE user_id = %(user_id)s OR idempotency_key = %(idempotency_key)s
+"""
 
 
 def _top_up(account: str) -> str:

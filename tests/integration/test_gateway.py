@@ -461,10 +461,15 @@ def test_a_request_the_gateway_rejects_still_carries_its_id_and_never_reaches_a_
 # --- Idempotency keys --------------------------------------------------------------------------
 
 
-def test_an_order_and_a_top_up_sent_again_with_their_keys_are_made_once_through_the_gateway(
+def test_an_account_an_order_and_a_top_up_sent_again_with_keys_are_made_once_via_the_gateway(
     gateway: TestClient, orders_db: psycopg.Connection[Any], payments_db: psycopg.Connection[Any]
 ) -> None:
-    user = open_account(gateway)["user_id"]
+    opening = {"Idempotency-Key": str(uuid.uuid4())}
+    opened = [gateway.post("/accounts/create", headers=opening) for _ in range(3)]
+    assert [r.status_code for r in opened] == [201] * 3
+    assert [r.headers.get("idempotent-replayed") for r in opened] == [None, "true", "true"]
+    assert payments_db.execute("SELECT count(*) FROM accounts").fetchone() == (1,)
+    user = opened[0].json()["user_id"]
     order = {"user_id": user, "amount": 40, "description": "once"}
     credit = {"account_id": user, "amount": 90}
     key = {"Idempotency-Key": str(uuid.uuid4())}

@@ -679,3 +679,104 @@ def test_concurrent_top_ups_with_one_idempotency_key_credit_once(
     assert {a.json()["balance"] for a in answers} == {250}
     assert sorted(a.headers.get("idempotent-replayed", "") for a in answers) == [""] + ["true"] * 9
     assert ledger_rows(payments_db, account) == [("top_up", 250, "at-once")]
+
+
+def keyed_opening(client: TestClient, key: str, user_id: str | None = None, path: str = "") -> Any:
+    """Open an account with `key`: bodiless unless `user_id`, through `/accounts/create` or
+    (`path="/accounts"`, which needs a user) the second seed's endpoint."""
+    body = {"user_id": user_id} if user_id else None
+    return client.post(path or "/accounts/create", json=body, headers={"Idempotency-Key": key})
+
+
+def test_an_account_opened_again_with_its_idempotency_key_is_opened_once(
+    client: TestClient, payments_db: psycopg.Connection[Any]
+) -> None:
+    first = keyed_opening(client, "open-1")
+    assert first.status_code == 201, first.text
+    assert "idempotent-replayed" not in first.headers
+    account = first.json()
+    top_up(client, account["account_id"], 30)
+
+    again = keyed_opening(client, "open-1")
+
+    assert again.status_code == 201
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.json() == account | {"balance": 30}  # as it is now
+    assert payments_db.execute("SELECT count(*) FROM accounts").fetchone() == (1,)
+    other = keyed_opening(client, "open-2")  # another key: another user, another account
+    assert other.status_code == 201 and "idempotent-replayed" not in other.headers
+    assert other.json()["account_id"] != account["account_id"]
+
+
+def test_a_users_account_opened_again_with_its_idempotency_key_is_replayed_not_409(
+    client: TestClient, payments_db: psycopg.Connection[Any]
+) -> None:
+    user = str(uuid.uuid4())
+    first = keyed_opening(client, "mine", user, path="/accounts")
+    assert first.status_code == 201, first.text
+
+    answers = [
+        keyed_opening(client, "mine", user),
+        keyed_opening(client, "mine", user, path="/accounts"),
+    ]
+
+    assert [a.status_code for a in answers] == [201, 201]
+    assert [a.json() for a in answers] == [first.json()] * 2
+    assert [a.headers["idempotent-replayed"] for a in answers] == ["true", "true"]
+    # Another key, or none, for a user who has an account: 409, as without keys.
+    unkeyed = client.post("/accounts/create", json={"user_id": user})
+    for response in (keyed_opening(client, "other", user), unkeyed):
+        assert assert_problem(response, 409)["account_id"] == first.json()["account_id"]
+    assert payments_db.execute("SELECT count(*) FROM accounts").fetchone() == (1,)
+
+
+def test_an_idempotency_key_sent_to_open_another_account_is_422_and_changes_nothing(
+    client: TestClient, payments_db: psycopg.Connection[Any]
+) -> None:
+    user, stranger = str(uuid.uuid4()), str(uuid.uuid4())
+    assert keyed_opening(client, "bodiless").status_code == 201
+    assert keyed_opening(client, "for-user", user).status_code == 201
+    before = snapshot(payments_db)
+
+    for response in (
+        keyed_opening(client, "bodiless", stranger),  # it opened a new user's account
+        keyed_opening(client, "for-user"),  # it opened `user`'s, not a new user's
+        keyed_opening(client, "for-user", stranger, path="/accounts"),
+        keyed_opening(client, "bodiless", user),  # `user` has an account: the key still counts
+    ):
+        problem = assert_problem(response, 422)
+        assert problem["type"] == "/problems/idempotency-key-reused"
+        assert problem["errors"] == [
+            {"field": "Idempotency-Key", "message": "names another account"}
+        ]
+    assert snapshot(payments_db) == before
+
+
+def test_concurrent_openings_with_one_idempotency_key_open_one_account(
+    client: TestClient, payments_db: psycopg.Connection[Any]
+) -> None:
+    start = threading.Barrier(10)
+    answers: list[Any] = []
+
+    def send() -> None:
+        start.wait()
+        answers.append(keyed_opening(client, "at-once"))
+
+    threads = [threading.Thread(target=send) for _ in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert [a.status_code for a in answers] == [201] * 10
+    assert len({a.json()["account_id"] for a in answers}) == 1
+    assert sorted(a.headers.get("idempotent-replayed", "") for a in answers) == [""] + ["true"] * 9
+    assert payments_db.execute("SELECT count(*) FROM accounts").fetchone() == (1,)
+
+
+def test_a_malformed_idempotency_key_opens_no_account(
+    client: TestClient, payments_db: psycopg.Connection[Any]
+) -> None:
+    problem = assert_problem(keyed_opening(client, "a b"), 422)
+    assert [error["field"] for error in problem["errors"]] == ["Idempotency-Key"]
+    assert snapshot(payments_db) == ([], [])

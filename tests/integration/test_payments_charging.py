@@ -60,7 +60,10 @@ def handler(config: Config) -> ApplyHandler:
 def open_account(conn: psycopg.Connection[Any], balance: int = 0) -> uuid.UUID:
     """A new user's account topped up to `balance`, through the service's own statements."""
     ids = new_account(None)
-    conn.execute(queries.CREATE_ACCOUNT, {"account_id": ids.account_id, "user_id": ids.user_id})
+    conn.execute(
+        queries.CREATE_ACCOUNT,
+        {"account_id": ids.account_id, "user_id": ids.user_id, "idempotency_key": None},
+    )
     if balance:
         conn.execute(
             queries.TOP_UP_USER,
@@ -381,7 +384,8 @@ def test_an_order_declined_for_a_missing_account_stays_declined_once_it_exists(
     order_id = request_payment(payments_db, config, ids.user_id, 5)
     apply(payments_db, handler)
     payments_db.execute(
-        queries.CREATE_ACCOUNT, {"account_id": ids.account_id, "user_id": ids.user_id}
+        queries.CREATE_ACCOUNT,
+        {"account_id": ids.account_id, "user_id": ids.user_id, "idempotency_key": None},
     )
     payments_db.execute(
         queries.TOP_UP_USER, {"user_id": ids.user_id, "amount": 100, "idempotency_key": None}
@@ -596,7 +600,9 @@ def test_the_schema_refuses_an_overdraft_a_second_debit_and_a_debit_without_orde
     payments_db: psycopg.Connection[Any],
 ) -> None:
     user_id = open_account(payments_db, balance=10)
-    [(account_id,)] = payments_db.execute(queries.ACCOUNT_OF_USER, {"user_id": user_id}).fetchall()
+    [(account_id,)] = payments_db.execute(
+        "SELECT id FROM accounts WHERE user_id = %s", (user_id,)
+    ).fetchall()
     order_id = uuid7()
     debit = "INSERT INTO ledger (account_id, kind, amount, order_id) VALUES (%s, 'debit', 1, %s)"
 

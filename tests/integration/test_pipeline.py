@@ -271,7 +271,8 @@ def funded_user(payments_db: psycopg.Connection[Any], amount: int) -> uuid.UUID:
     """A new user whose account holds `amount`."""
     ids = new_account(None)
     payments_db.execute(
-        payments_queries.CREATE_ACCOUNT, {"account_id": ids.account_id, "user_id": ids.user_id}
+        payments_queries.CREATE_ACCOUNT,
+        {"account_id": ids.account_id, "user_id": ids.user_id, "idempotency_key": None},
     )
     payments_db.execute(
         payments_queries.TOP_UP_USER,
