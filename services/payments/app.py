@@ -166,6 +166,10 @@ def balance_limit_exceeded() -> Problem:
     )
 
 
+# Tries of the insert-or-find of an account opening.
+OPEN_ATTEMPTS: Final = 3
+
+
 async def open_account(call: Call, user_id: uuid.UUID | None) -> Response:
     """Open the one account of `user_id` (a new user when None), or 409 naming the existing.
     With an `Idempotency-Key` that opened an account before: that account when the request is
@@ -175,16 +179,19 @@ async def open_account(call: Call, user_id: uuid.UUID | None) -> Response:
     params = {"account_id": ids.account_id, "user_id": ids.user_id, "idempotency_key": key}
     async with pool_of(call.request).connection() as conn:
         # Insert-or-find: accounts are never deleted, so when the insert yields nothing the
-        # lookup finds the winner; looping keeps that true even if it ever were not.
-        while True:
+        # lookup finds the winner; trying again keeps that true even if it ever were not, and
+        # a conflict the lookup cannot name (a unique index it does not know) is a bug: a 500.
+        for _ in range(OPEN_ATTEMPTS):
             created = await (await conn.execute(queries.CREATE_ACCOUNT, params)).fetchone()
             if created is not None:
                 return respond(_account(created), 201)
             found = await (await conn.execute(queries.OPENED, params)).fetchall()
             for account_id, owner, balance, created_at, with_key in found:
                 if key is not None and with_key == key:
-                    # A bodiless request made its user: the user's id is the account's.
-                    if (owner == account_id) if user_id is None else (owner == user_id):
+                    # A bodiless request made its user, whose id is the account's; a request
+                    # naming a user did not.
+                    bodiless = owner == account_id
+                    if (bodiless and user_id is None) or (not bodiless and owner == user_id):
                         headers = {IDEMPOTENT_REPLAYED_HEADER: "true"}
                         account = _account((account_id, owner, balance, created_at))
                         return respond(account, 201, headers=headers)
@@ -192,6 +199,7 @@ async def open_account(call: Call, user_id: uuid.UUID | None) -> Response:
             for account_id, owner, *_ in found:
                 if owner == ids.user_id:
                     raise account_exists(ids.user_id, account_id)
+    raise RuntimeError(f"opening an account conflicted {OPEN_ATTEMPTS} times with no account")
 
 
 def _account(row: tuple[Any, ...]) -> dict[str, Any]:

@@ -734,7 +734,9 @@ def test_an_idempotency_key_sent_to_open_another_account_is_422_and_changes_noth
     client: TestClient, payments_db: psycopg.Connection[Any]
 ) -> None:
     user, stranger = str(uuid.uuid4()), str(uuid.uuid4())
-    assert keyed_opening(client, "bodiless").status_code == 201
+    first = keyed_opening(client, "bodiless")
+    assert first.status_code == 201
+    opened_bodiless = first.json()
     assert keyed_opening(client, "for-user", user).status_code == 201
     before = snapshot(payments_db)
 
@@ -743,6 +745,8 @@ def test_an_idempotency_key_sent_to_open_another_account_is_422_and_changes_noth
         keyed_opening(client, "for-user"),  # it opened `user`'s, not a new user's
         keyed_opening(client, "for-user", stranger, path="/accounts"),
         keyed_opening(client, "bodiless", user),  # `user` has an account: the key still counts
+        # The user it made, named: not the same request either.
+        keyed_opening(client, "bodiless", opened_bodiless["user_id"], path="/accounts"),
     ):
         problem = assert_problem(response, 422)
         assert problem["type"] == "/problems/idempotency-key-reused"
