@@ -20,6 +20,7 @@ from services.common.config import Config
 from services.common.events import TOPIC_PAYMENT_REQUESTED, TYPE_PAYMENT_REQUESTED
 from services.common.ids import uuid7
 from services.orders.app import create_app
+from tests.concurrently import at_once
 
 USER = uuid.UUID("0190f7a4-0000-7d8e-9f00-aabbccddeeff")
 ORDER_FIELDS = {
@@ -320,18 +321,7 @@ def test_the_longest_idempotency_key_is_taken(client: TestClient) -> None:
 def test_concurrent_requests_with_one_idempotency_key_make_one_order(
     client: TestClient, orders_db: psycopg.Connection[Any]
 ) -> None:
-    answers: list[Any] = []
-    start = threading.Barrier(12)
-
-    def send() -> None:
-        start.wait()
-        answers.append(create_keyed(client, "at-once", amount=5))
-
-    threads = [threading.Thread(target=send) for _ in range(12)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    answers = at_once(12, lambda: create_keyed(client, "at-once", amount=5))
 
     assert [a.status_code for a in answers] == [201] * 12
     assert len({a.json()["id"] for a in answers}) == 1

@@ -6,7 +6,6 @@ every test each account's balance must equal what its ledger adds up to."""
 from __future__ import annotations
 
 import json
-import threading
 import uuid
 from collections.abc import Iterator
 from datetime import datetime
@@ -19,6 +18,7 @@ from starlette.testclient import TestClient
 from services.common.config import Config
 from services.payments import queries
 from services.payments.app import create_app
+from tests.concurrently import at_once
 
 PROBLEM_JSON = "application/problem+json"
 MISSING_ID = "0190f7a4-5b6c-7d8e-9f00-0000000000ff"
@@ -149,18 +149,7 @@ def test_concurrent_creates_for_one_user_open_exactly_one_account(
     client: TestClient, payments_db: psycopg.Connection[Any]
 ) -> None:
     user_id = str(uuid.uuid4())
-    start = threading.Barrier(10)
-    answers: list[Any] = []
-
-    def create() -> None:
-        start.wait()
-        answers.append(client.post("/accounts", json={"user_id": user_id}))
-
-    threads = [threading.Thread(target=create) for _ in range(10)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    answers = at_once(10, lambda: client.post("/accounts", json={"user_id": user_id}))
 
     created = [a for a in answers if a.status_code == 201]
     conflicts = [a for a in answers if a.status_code == 409]
@@ -662,18 +651,7 @@ def test_concurrent_top_ups_with_one_idempotency_key_credit_once(
     client: TestClient, payments_db: psycopg.Connection[Any]
 ) -> None:
     account = open_account(client)["account_id"]
-    start = threading.Barrier(10)
-    answers: list[Any] = []
-
-    def send() -> None:
-        start.wait()
-        answers.append(keyed_top_up(client, account, 250, "at-once"))
-
-    threads = [threading.Thread(target=send) for _ in range(10)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    answers = at_once(10, lambda: keyed_top_up(client, account, 250, "at-once"))
 
     assert [a.status_code for a in answers] == [200] * 10
     assert {a.json()["balance"] for a in answers} == {250}
@@ -759,18 +737,7 @@ def test_an_idempotency_key_sent_to_open_another_account_is_422_and_changes_noth
 def test_concurrent_openings_with_one_idempotency_key_open_one_account(
     client: TestClient, payments_db: psycopg.Connection[Any]
 ) -> None:
-    start = threading.Barrier(10)
-    answers: list[Any] = []
-
-    def send() -> None:
-        start.wait()
-        answers.append(keyed_opening(client, "at-once"))
-
-    threads = [threading.Thread(target=send) for _ in range(10)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    answers = at_once(10, lambda: keyed_opening(client, "at-once"))
 
     assert [a.status_code for a in answers] == [201] * 10
     assert len({a.json()["account_id"] for a in answers}) == 1
