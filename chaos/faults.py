@@ -247,7 +247,7 @@ async def restart_redis(target: Target) -> str:
 
 async def terminate_backends(target: Target, seconds: float, interval: float) -> str:
     """pg_terminate_backend of every service connection, every `interval` for `seconds`."""
-    urls = [target.config.orders_database_url, target.config.payments_database_url]
+    urls = list(target.database_urls.values())
     deadline = time.monotonic() + seconds
     terminated = rounds = refused = 0
     while True:
@@ -397,6 +397,10 @@ def produce_poison(ctx: Context, per_kind: int) -> list[Poison]:
     return made
 
 
+# How long poison may take to reach dead_letters: its attempts and their backoff, after a
+# consumer killed just before rejoins its group (24 s seen).
+DEAD_LETTER_TIMEOUT: Final = 120.0
+
 # Which of these event ids a service has dead-lettered.
 DEAD_LETTERED: Final = "SELECT event_id::text FROM dead_letters WHERE event_id = ANY(%s::uuid[])"
 
@@ -405,19 +409,20 @@ async def poison(ctx: Context, per_kind: int) -> str:
     """Poison produced on both topics, healed once every message of it is dead-lettered: a
     later fault that deletes records (lose-requests) must not take poison still unread."""
     made = await asyncio.to_thread(produce_poison, ctx, per_kind)
-    config = ctx.target.config
-    urls = {"orders": config.orders_database_url, "payments": config.payments_database_url}
+    urls = ctx.target.database_urls
     began = time.monotonic()
-    missing = {p.event_id for p in made}
-    while missing:
-        if time.monotonic() - began > RESTART_TIMEOUT:
+    missing = {service: expected_dead_letters(made, service) for service in urls}
+    while any(missing.values()):
+        if time.monotonic() - began > DEAD_LETTER_TIMEOUT:
+            left = sum(map(len, missing.values()))
             raise TargetError(
-                f"{len(missing)} poison message(s) not dead-lettered after {RESTART_TIMEOUT:.0f} s"
+                f"{left} poison message(s) not dead-lettered after {DEAD_LETTER_TIMEOUT:.0f} s"
             )
         await asyncio.sleep(0.5)
-        for url in urls.values():
-            found = await asyncio.to_thread(query, url, DEAD_LETTERED, (sorted(missing),))
-            missing -= {event_id for (event_id,) in found}
+        for service, ids in missing.items():
+            if ids:
+                found = await asyncio.to_thread(query, urls[service], DEAD_LETTERED, (sorted(ids),))
+                ids -= {event_id for (event_id,) in found}
     return f"{len(made)} poison messages, all dead-lettered after {time.monotonic() - began:.1f} s"
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Final
 
-from chaos.faults import Poison
+from chaos.faults import Poison, expected_dead_letters
 from chaos.target import query
 from chaos.traffic import OrderAttempt, Outcome, TopUpAttempt
 
@@ -268,7 +268,7 @@ def check_dead_letters(facts: Facts, poison: Sequence[Poison]) -> list[Check]:
     """Dead letters since the run began are exactly the poison it produced, per database."""
     checks = []
     for service in SERVICES:
-        expected = {p.event_id for p in poison if p.service == service}
+        expected = expected_dead_letters(poison, service)
         got = facts.dead_letter_ids.get(service, set())
         delta = facts.dead_letters_after.get(service, 0) - facts.dead_letters_before.get(service, 0)
         ok = got == expected and delta == len(expected)

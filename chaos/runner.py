@@ -15,7 +15,7 @@ from typing import Final
 import httpx
 
 from chaos import topics
-from chaos.faults import Context, inject
+from chaos.faults import Context, expected_dead_letters, inject
 from chaos.invariants import (
     DEAD_LETTER_COUNT,
     DEAD_LETTERS_SINCE,
@@ -128,10 +128,7 @@ async def wait_ready(gateway: str, timeout: float) -> None:
 
 def observe(target: Target, users: Sequence[str], since: dict[str, datetime]) -> dict[str, int]:
     """The figures quiescence waits on."""
-    urls = {
-        "orders": target.config.orders_database_url,
-        "payments": target.config.payments_database_url,
-    }
+    urls = target.database_urls
     seen = {"new": query(urls["orders"], NEW_ORDERS_OF_USERS, {"users": list(users)})[0][0]}
     for service in SERVICES:
         params = {"since": since[service]}
@@ -210,7 +207,7 @@ async def prepare(options: Options, schedule: Schedule) -> Run:
     for server in ("postgres", "redis", "kafka"):
         target.server_pid(server)  # TargetError: not a server scripts/stack.sh runs for us
     await wait_ready(target.gateway, 60)
-    urls = {"orders": config.orders_database_url, "payments": config.payments_database_url}
+    urls = target.database_urls
     return Run(
         options=options,
         schedule=schedule,
@@ -273,7 +270,7 @@ async def drive(run: Run) -> float:
 async def wait_for_quiet(run: Run, reference: float) -> None:
     """Poll until no order is new, nothing is backlogged or lagging and every poison message
     is dead-lettered; note when the last order settled."""
-    expected_dead = {s: sum(1 for p in run.ctx.poison if p.service == s) for s in SERVICES}
+    expected_dead = {s: len(expected_dead_letters(run.ctx.poison, s)) for s in SERVICES}
     seen: dict[str, int] = {}
     while time.monotonic() - reference < QUIET_TIMEOUT:
         try:

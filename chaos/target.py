@@ -59,6 +59,14 @@ class Target:
         return f"http://127.0.0.1:{self.config.gateway_port}"
 
     @property
+    def database_urls(self) -> dict[str, str]:
+        """Each service's database, by service name."""
+        return {
+            "orders": self.config.orders_database_url,
+            "payments": self.config.payments_database_url,
+        }
+
+    @property
     def redis_port(self) -> int:
         return urlsplit(self.config.redis_url).port or 6379
 

@@ -186,19 +186,17 @@ async def open_account(call: Call, user_id: uuid.UUID | None) -> Response:
             if created is not None:
                 return respond(_account(created), 201)
             found = await (await conn.execute(queries.OPENED, params)).fetchall()
-            for account_id, owner, balance, created_at, with_key in found:
-                if key is not None and with_key == key:
-                    # A bodiless request made its user, whose id is the account's; a request
-                    # naming a user did not.
-                    bodiless = owner == account_id
-                    if (bodiless and user_id is None) or (not bodiless and owner == user_id):
-                        headers = {IDEMPOTENT_REPLAYED_HEADER: "true"}
-                        account = _account((account_id, owner, balance, created_at))
-                        return respond(account, 201, headers=headers)
-                    raise problems.idempotency_key_reused("account", key)
-            for account_id, owner, *_ in found:
-                if owner == ids.user_id:
-                    raise account_exists(ids.user_id, account_id)
+            if key is not None and (keyed := next((r for r in found if r[4] == key), None)):
+                # A bodiless request made its user, whose id is the account's; a request
+                # naming a user did not.
+                account_id, owner = keyed[:2]
+                bodiless = owner == account_id
+                if (bodiless and user_id is None) or (not bodiless and owner == user_id):
+                    replayed = {IDEMPOTENT_REPLAYED_HEADER: "true"}
+                    return respond(_account(keyed[:4]), 201, headers=replayed)
+                raise problems.idempotency_key_reused("account", key)
+            if existing := [r[0] for r in found if r[1] == ids.user_id]:
+                raise account_exists(ids.user_id, existing[0])
     raise RuntimeError(f"opening an account conflicted {OPEN_ATTEMPTS} times with no account")
 
 
